@@ -1,0 +1,150 @@
+"""Resolve a MODEL_ID to a loaded diffusers U-Net plus its scheduler config.
+
+A MODEL_ID is, in this order:
+  (a) a shipped model name (`qexport models` lists them);
+  (b) a local folder: a diffusers model folder (`config.json` + weights + `scheduler_config.json`)
+      or a whole pipeline folder with `unet/` and `scheduler/` subfolders;
+  (c) a Hugging Face Hub id (`google/ddpm-cifar10-32`), downloaded with `huggingface_hub`.
+Weights are read from safetensors only, unless the caller explicitly allows pickle (`.bin`) files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import QexportError
+from .registry import get_shipped
+
+WEIGHTS_SAFE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_PICKLE = "diffusion_pytorch_model.bin"
+HUB_PATTERNS = ["model_index.json", "*.json", "unet/*.json", "unet/*.safetensors", "scheduler/*.json",
+                "*.safetensors"]
+
+
+@dataclass
+class LoadedModel:
+    """A U-Net ready for calibration/export, with where it came from."""
+
+    unet: Any  # a diffusers ModelMixin (UNet2DModel, later UNet2DConditionModel)
+    scheduler_config: dict
+    model_id: str
+    kind: str  # "shipped" | "local" | "hub"
+    folder: Path
+    weights_sha256: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config["num_train_timesteps"])
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        return (c.in_channels, size, size)
+
+
+def resolve_model_folder(model_id: str, *, cache_dir: str | None = None) -> tuple[Path, str]:
+    """Return `(folder, kind)` for MODEL_ID without loading any weights."""
+    shipped = get_shipped(model_id)
+    if shipped is not None:
+        if not shipped.is_present():
+            raise QexportError(f"shipped model {model_id!r} has no weights in {shipped.path}; "
+                               f"reinstall qexport or retrain it with `python -m qexport.zoo.train`")
+        return shipped.path, "shipped"
+    p = Path(model_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise QexportError(f"{model_id!r} is a file; pass the folder that holds config.json "
+                               f"(or a pipeline folder with unet/ and scheduler/)")
+        return p, "local"
+    if _looks_like_path(model_id):
+        raise QexportError(f"model folder {model_id!r} does not exist; pass an existing folder, "
+                           f"a shipped model name (see `qexport models`) or a Hub id")
+    return _download_from_hub(model_id, cache_dir), "hub"
+
+
+def load_model(model_id: str, *, allow_pickle: bool = False, cache_dir: str | None = None) -> LoadedModel:
+    """Load MODEL_ID's U-Net (eval mode, float32) and its scheduler config. See the module docstring."""
+    folder, kind = resolve_model_folder(model_id, cache_dir=cache_dir)
+    unet_dir, sched_file = _locate_parts(folder)
+    weights = _pick_weights(unet_dir, allow_pickle)
+    config = json.loads((unet_dir / "config.json").read_text())
+    cls = _model_class(config, unet_dir)
+    unet = cls.from_pretrained(str(unet_dir), use_safetensors=weights.suffix == ".safetensors",
+                               low_cpu_mem_usage=False)
+    unet = unet.float().eval().requires_grad_(False)
+    scheduler_config = json.loads(sched_file.read_text())
+    if "num_train_timesteps" not in scheduler_config:
+        raise QexportError(f"{sched_file} has no num_train_timesteps; it must be a diffusers scheduler config")
+    return LoadedModel(unet=unet, scheduler_config=scheduler_config, model_id=model_id, kind=kind,
+                       folder=folder, weights_sha256=sha256_file(weights))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return (model_id.startswith((".", "/", "~")) or "\\" in model_id or model_id.count("/") > 1
+            or model_id.endswith("/"))
+
+
+def _locate_parts(folder: Path) -> tuple[Path, Path]:
+    if (folder / "unet").is_dir():  # a pipeline folder
+        unet_dir = folder / "unet"
+        sched = folder / "scheduler" / "scheduler_config.json"
+    else:
+        unet_dir = folder
+        sched = folder / "scheduler_config.json"
+    if not (unet_dir / "config.json").exists():
+        raise QexportError(f"no config.json in {unet_dir}; pass a diffusers model folder or a pipeline "
+                           f"folder with unet/ and scheduler/ subfolders")
+    if not sched.exists():
+        raise QexportError(f"no scheduler config at {sched}; add the diffusers scheduler_config.json the "
+                           f"model was trained with (it sets num_train_timesteps and the betas)")
+    return unet_dir, sched
+
+
+def _pick_weights(unet_dir: Path, allow_pickle: bool) -> Path:
+    safe, pickle = unet_dir / WEIGHTS_SAFE, unet_dir / WEIGHTS_PICKLE
+    if safe.exists():
+        return safe
+    if pickle.exists():
+        if not allow_pickle:
+            raise QexportError(f"{unet_dir} has only pickle weights ({WEIGHTS_PICKLE}), which can run code "
+                               f"when loaded; convert them to safetensors or pass --allow-pickle if you trust them")
+        return pickle
+    raise QexportError(f"no weights in {unet_dir}; expected {WEIGHTS_SAFE}")
+
+
+def _model_class(config: dict, unet_dir: Path):
+    import diffusers
+
+    name = config.get("_class_name", "UNet2DModel")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.startswith("UNet"):
+        raise QexportError(f"{unet_dir}/config.json names class {name!r}, which is not a diffusers U-Net; "
+                           f"qexport supports UNet2DModel folders")
+    return cls
+
+
+def _download_from_hub(model_id: str, cache_dir: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(model_id, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir)
+    except Exception as e:  # offline, unknown id, auth: all end the same way for the user
+        reason = type(e).__name__
+        raise QexportError(f"could not fetch {model_id!r} from the Hugging Face Hub ({reason}); if you are "
+                           f"offline, download it on another machine and pass the local folder instead, "
+                           f"e.g. `qexport convert ./ddpm-cifar10-32`") from None
+    return Path(path)
