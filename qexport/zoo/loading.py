@@ -148,3 +148,21 @@ def _download_from_hub(model_id: str, cache_dir: str | None) -> Path:
                            f"offline, download it on another machine and pass the local folder instead, "
                            f"e.g. `qexport convert ./ddpm-cifar10-32`") from None
     return Path(path)
+
+
+def load_classifier(name: str = "digits16-classifier"):
+    """The shipped feature classifier (eval mode) and its real-data feature statistics
+    `{"mu": [D], "sigma": [D, D], "n": int}`."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from .architectures import DigitClassifier
+
+    shipped = get_shipped(name)
+    if shipped is None or not shipped.is_present():
+        raise QexportError(f"classifier {name!r} is not shipped in this install; retrain it with "
+                           f"`python -m qexport.zoo.train classifier --out qexport/zoo/shipped/{name}`")
+    model = DigitClassifier()
+    model.load_state_dict(load_file(str(shipped.path / "model.safetensors")))
+    stats = dict(np.load(shipped.path / "real_stats.npz"))
+    return model.eval().requires_grad_(False), stats

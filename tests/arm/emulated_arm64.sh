@@ -38,6 +38,7 @@ set -euo pipefail
 
 PROG=emulated_arm64
 HOST_PYTHON=${HOST_PYTHON:-python3}
+HOST_PY3=$(command -v /usr/bin/python3 python3 | head -1 || true) # runs the seccomp wrapper below
 T0=$SECONDS
 GUEST_PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -94,7 +95,8 @@ detect_mirror() {
 
 ensure_host_tools() {
     [[ $(uname -s) == Linux ]] || impossible "host is $(uname -s), not Linux"
-    [[ $(uname -m) == x86_64 || $(uname -m) == aarch64 ]] || impossible "host arch $(uname -m) not supported"
+    [[ $(uname -m) == x86_64 ]] || impossible "host arch $(uname -m) is not x86_64"
+    [[ -n $HOST_PY3 ]] || impossible "no python3 on the host (needed for the seccomp wrapper)"
     local missing=()
     command -v debootstrap >/dev/null || missing+=(debootstrap)
     command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
@@ -115,6 +117,27 @@ apt_install() {
 
 # ---------------------------------------------------------------- running arm64 code
 
+# proot 5.1.0 (the one Debian ships) predates the statx, faccessat2, openat2 and execveat
+# syscalls: it passes their paths through untranslated, so inside the rootfs `ls`/`stat`
+# would show the HOST's files and dash's `[ -x FILE ]` would test the host's. This host-side
+# wrapper installs a seccomp filter making those syscalls fail with ENOSYS, upon which qemu
+# and glibc fall back to fstatat/faccessat, which proot translates. Then it execs its args.
+ENOSYS_WRAPPER='
+import ctypes, os, struct, sys
+NRS = [332, 439, 437, 322]  # x86_64: statx, faccessat2, openat2, execveat
+LD_ABS, JEQ, RET = 0x20, 0x15, 0x06
+ALLOW, ENOSYS = 0x7FFF0000, 0x00050000 | 38
+ins = [(LD_ABS, 0, 0, 4), (JEQ, 0, len(NRS) + 1, 0xC000003E), (LD_ABS, 0, 0, 0)]
+ins += [(JEQ, len(NRS) - i, 0, nr) for i, nr in enumerate(NRS)]
+ins += [(RET, 0, 0, ALLOW), (RET, 0, 0, ENOSYS)]
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in ins))
+prog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(ins), ctypes.addressof(code)))
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, prog, 0, 0):  # NO_NEW_PRIVS, SECCOMP
+    sys.exit("seccomp filter: " + os.strerror(ctypes.get_errno()))
+os.execv(sys.argv[1], sys.argv[1:])
+'
+
 # emu ROOTFS WORKDIR [proot options...] -- CMD... : run CMD inside the rootfs, clean env.
 # Binds only /proc and /dev from the host: binding /sys makes onnxruntime crash.
 emu() {
@@ -124,6 +147,7 @@ emu() {
     shift # the --
     env -i PATH="$GUEST_PATH" HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
         TMPDIR=/tmp PROOT_TMP_DIR="${PROOT_TMP_DIR:-/tmp}" \
+        "$HOST_PY3" -c "$ENOSYS_WRAPPER" \
         "$(command -v proot)" -q "$(command -v qemu-aarch64-static)" \
         -r "$rootfs" -b /proc -b /dev "${opts[@]}" -w "$workdir" "$@"
 }
@@ -145,6 +169,12 @@ build_rootfs() {
         debootstrap --foreign --arch=arm64 --variant=minbase --include=python3,python3-venv \
         "${keyring[@]}" "$codename" "$rootfs" "$mirror" >"$rootfs.debootstrap.log" 2>&1 \
         || die "debootstrap stage 1 failed, see $rootfs.debootstrap.log"
+    # In a Docker container stage 1 makes /proc a symlink to the host's /proc (it loops
+    # with proot's -b /proc), and stage 2 would mount proc and sysfs for real (reaching the
+    # host's mounts through proot). proot already provides /proc and /dev: mount nothing.
+    if [[ -L $rootfs/proc ]]; then rm -f "$rootfs/proc" && mkdir "$rootfs/proc"; fi
+    printf '%s\n' "# added by $0: proot provides /proc and /dev" \
+        'setup_proc () { :; }' 'setup_dynamic_devices () { :; }' >>"$rootfs/debootstrap/functions"
     step "debootstrap stage 2 (emulated)" \
         emu "$rootfs" / -0 -- /debootstrap/debootstrap --second-stage \
         >>"$rootfs.debootstrap.log" 2>&1 \

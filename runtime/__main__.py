@@ -1,0 +1,67 @@
+"""`python -m qexport_runtime`: the device-side command line (numpy + onnxruntime only).
+
+    python -m qexport_runtime sample ARTIFACT --steps 50 --batch 16 -o out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import ArtifactError, load_artifact
+from .images import grid, write_png
+from .schedulers import SCHEDULERS
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sampler import Sampler
+
+    art = load_artifact(args.artifact)
+    sampler = Sampler(art, role=args.graph, scheduler=args.scheduler, threads=args.threads)
+    res = sampler.sample(args.steps, batch=args.batch, seed=args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", res.images)
+    write_png(out / "samples.png", grid(res.images, scale=args.scale))
+    summary = dict(artifact=str(art.path), graph=sampler.graph_path.name, scheduler=args.scheduler,
+                   steps=args.steps, batch=args.batch, seed=args.seed,
+                   step_ms_median=float(np.median(res.step_seconds) * 1e3),
+                   loop_seconds=res.loop_seconds, python_overhead=res.python_overhead)
+    (out / "sample.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out/'samples.png'} and {out/'samples.npy'} ({args.batch} images, {args.steps} steps, "
+          f"{summary['step_ms_median']:.1f} ms/step, graph {sampler.graph_path.name})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qexport_runtime", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample", help="generate images from an artifact")
+    s.add_argument("artifact")
+    s.add_argument("-o", "--output", required=True, help="folder for samples.png, samples.npy, sample.json")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    s.add_argument("--graph", default=None, help="graph role to run (int, qdq, fp32); default: fastest present")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG grid")
+    s.set_defaults(func=_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ArtifactError, ValueError) as e:
+        print(f"qexport_runtime {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The integer sampling loop: artifact graph + numpy scheduler → images.
+
+`Sampler(artifact, role=None, scheduler="ddim", threads=None)`, then
+`sample(num_steps, batch, seed)` returns `SampleResult(images [B, C, H, W] float32 in [-1, 1],
+timesteps, seconds per step)`. The initial noise is numpy's `default_rng(seed)`, so a seed gives the
+same x_T on every device; any step count works (the graph takes the raw training time step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .artifact import Artifact
+from .schedulers import make_scheduler
+from .session import UNetSession
+
+
+@dataclass
+class SampleResult:
+    images: np.ndarray
+    timesteps: np.ndarray
+    step_seconds: list
+    loop_seconds: float
+
+    @property
+    def python_overhead(self) -> float:
+        """Share of the loop spent outside onnxruntime calls (scheduler math, bookkeeping)."""
+        return max(0.0, 1.0 - sum(self.step_seconds) / self.loop_seconds) if self.loop_seconds else 0.0
+
+
+def initial_noise(shape: tuple, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+class Sampler:
+    def __init__(self, artifact: Artifact, role: str | None = None, scheduler: str = "ddim",
+                 threads: int | None = None, **scheduler_overrides):
+        self.artifact = artifact
+        self.graph_path = artifact.graph(role)
+        self.session = UNetSession(self.graph_path, threads=threads)
+        self.scheduler_name = scheduler
+        self.scheduler_overrides = scheduler_overrides
+
+    def sample(self, num_steps: int = 50, batch: int = 1, seed: int = 0,
+               return_trajectory: bool = False) -> SampleResult:
+        m = self.artifact.manifest
+        sched = make_scheduler(self.scheduler_name, m.scheduler, **self.scheduler_overrides)
+        sched.set_timesteps(num_steps)
+        x = initial_noise((batch, *m.sample_shape), seed)
+        rng = np.random.default_rng(seed + 1_000_003)  # step noise for stochastic samplers
+        step_s, traj = [], []
+        t_loop = time.perf_counter()
+        for t in sched.timesteps:
+            t0 = time.perf_counter()
+            eps = self.session(x, int(t))
+            step_s.append(time.perf_counter() - t0)
+            x = sched.step(eps, int(t), x, rng=rng).prev_sample
+            if return_trajectory:
+                traj.append(x.copy())
+        loop = time.perf_counter() - t_loop
+        res = SampleResult(x, sched.timesteps.copy(), step_s, loop)
+        if return_trajectory:
+            res.trajectory = np.stack(traj)
+        return res

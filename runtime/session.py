@@ -1,0 +1,52 @@
+"""One onnxruntime session over a U-Net graph, called once per sampling step with reused buffers.
+
+`UNetSession(path, threads)` binds inputs and a preallocated output through IO binding, so a step
+allocates nothing in Python; `__call__(sample, t)` returns the noise prediction (a view of the
+reused output buffer: copy it if you keep it across steps).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
+class UNetSession:
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 providers: list[str] | None = None):
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if set(inputs) != {"sample", "timestep"}:
+            raise ValueError(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(inputs)}")
+        self.output_name = self.session.get_outputs()[0].name
+        self._binding = self.session.io_binding()
+        self._out: np.ndarray | None = None
+        self._t = np.zeros((1,), dtype=np.int64)
+
+    def __call__(self, sample: np.ndarray, timestep: int) -> np.ndarray:
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if self._out is None or self._out.shape != sample.shape:
+            self._out = np.empty_like(sample)
+            self._binding.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out.shape),
+                                      self._out.ctypes.data)
+        self._t[0] = timestep
+        self._binding.bind_cpu_input("sample", sample)
+        self._binding.bind_cpu_input("timestep", self._t)
+        self.session.run_with_iobinding(self._binding)
+        return self._out

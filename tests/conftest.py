@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random U-Net saved in diffusers layouts, and the shipped main model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SCHED = dict(_class_name="DDPMScheduler", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+             beta_schedule="linear", prediction_type="epsilon", clip_sample=True, variance_type="fixed_small")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A random 16x16 digits-architecture U-Net (width 8) saved as a diffusers pipeline folder."""
+    torch = pytest.importorskip("torch", reason="needs the toolchain extra")
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from qexport.zoo.architectures import digits_unet_config
+
+    torch.manual_seed(0)
+    cfg = {**digits_unet_config(8), "norm_num_groups": 4}
+    pipe = DDPMPipeline(unet=UNet2DModel(**cfg), scheduler=DDPMScheduler.from_config(SCHED))
+    out = tmp_path_factory.mktemp("tiny") / "pipeline"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """The same U-Net as a single model folder with scheduler_config.json beside config.json."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny") / "unet"
+    shutil.copytree(tiny_pipeline_dir / "unet", out)
+    (out / "scheduler_config.json").write_text(json.dumps(SCHED))
+    return out
+
+
+def shipped_or_skip(name: str):
+    from qexport.zoo.registry import get_shipped
+
+    m = get_shipped(name)
+    if m is None or not m.is_present():
+        pytest.skip(f"shipped model {name} is not present (train it with python -m qexport.zoo.train)")
+    return m
