@@ -27,6 +27,9 @@
 #   HOST_PYTHON  host python (default: python3). Its onnxruntime version is the one installed
 #                in the rootfs (if an aarch64 wheel exists); `check` needs onnx + onnxruntime.
 #   ARM_MIRROR   Debian mirror URL (default: read from the host's apt sources).
+#   ARM_CPU      CPU model qemu emulates (QEMU_CPU), e.g. cortex-a72 (Raspberry Pi 4: no
+#                dotprod/i8mm, so onnxruntime takes the same int8 kernels as on a Pi 4) or
+#                cortex-a76 (Pi 5). Default: qemu's "max" (dotprod, i8mm, SVE...).
 #
 # Exit status: 2 with a one-line "emulation not possible: ..." when this host cannot emulate
 # (a test may skip on 2); 1 on other errors.
@@ -139,14 +142,26 @@ os.execv(sys.argv[1], sys.argv[1:])
 '
 
 # emu ROOTFS WORKDIR [proot options...] -- CMD... : run CMD inside the rootfs, clean env.
-# Binds only /proc and /dev from the host: binding /sys makes onnxruntime crash.
+# Binds only /proc and /dev from the host: binding the host's /sys makes onnxruntime crash.
+# Without any /sys, onnxruntime's cpuinfo prints "Error in cpuinfo: failed to parse the list
+# of possible processors" on every import, so the two CPU lists it reads are faked
+# (0-N, N+1 = host CPUs: qemu-user runs guest threads on host threads).
 emu() {
     local rootfs=$1 workdir=$2; shift 2
     local opts=()
     while (($#)) && [[ $1 != -- ]]; do opts+=("$1"); shift; done
     shift # the --
+    local cpus want f
+    cpus=$(dirname "$rootfs")/sys-cpu want="0-$(($(nproc) - 1))"
+    mkdir -p "$cpus"
+    for f in possible present; do
+        if [[ $(cat "$cpus/$f" 2>/dev/null) != "$want" ]]; then
+            echo "$want" >"$cpus/$f.$$" && mv -f "$cpus/$f.$$" "$cpus/$f"
+        fi
+        opts+=(-b "$cpus/$f:/sys/devices/system/cpu/$f")
+    done
     env -i PATH="$GUEST_PATH" HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
-        TMPDIR=/tmp PROOT_TMP_DIR="${PROOT_TMP_DIR:-/tmp}" \
+        TMPDIR=/tmp PROOT_TMP_DIR="${PROOT_TMP_DIR:-/tmp}" ${ARM_CPU:+QEMU_CPU="$ARM_CPU"} \
         "$HOST_PY3" -c "$ENOSYS_WRAPPER" \
         "$(command -v proot)" -q "$(command -v qemu-aarch64-static)" \
         -r "$rootfs" -b /proc -b /dev "${opts[@]}" -w "$workdir" "$@"
@@ -246,7 +261,9 @@ cmd_setup() {
         || impossible "proot -q qemu-aarch64-static cannot run /bin/true in $rootfs (ptrace blocked?)"
     local marker=$rootfs/opt/venv/.${PROG}.venv-complete ort
     ort=$(host_version onnxruntime)
-    if [[ -f $marker ]] && grep -qx "host_onnxruntime ${ort:-none}" "$marker"; then
+    # Rebuild the venv only if it is incomplete, or HOST_PYTHON has an onnxruntime version
+    # other than the one it was built for (no onnxruntime on the host: keep what is there).
+    if [[ -f $marker ]] && { [[ -z $ort ]] || grep -qx "host_onnxruntime $ort" "$marker"; }; then
         log "venv already complete: $(head -1 "$marker")"
     else
         build_venv "$cache"
@@ -271,7 +288,7 @@ cmd_run() {
     require_ready "$cache"
     local binds=() dirs=() d
     while (($#)) && [[ $1 != -- ]]; do
-        d=$(cd "$1" && pwd) || die "no such directory: $1"
+        d=$(cd "$1" 2>/dev/null && pwd) || die "no such directory: $1"
         dirs+=("$d") binds+=(-b "$d")
         shift
     done
@@ -286,9 +303,9 @@ cmd_check() {
     require_ready "$cache"
     "$HOST_PYTHON" -c 'import onnx, onnxruntime, numpy' 2>/dev/null \
         || die "HOST_PYTHON=$HOST_PYTHON lacks onnx/onnxruntime/numpy (set HOST_PYTHON)"
-    local tmp
-    tmp=$(mktemp -d "${TMPDIR:-/tmp}/${PROG}.check.XXXXXX")
-    trap 'rm -rf "$tmp"' EXIT
+    CHECK_TMP=$(mktemp -d "${TMPDIR:-/tmp}/${PROG}.check.XXXXXX")
+    trap 'rm -rf "$CHECK_TMP"' EXIT
+    local tmp=$CHECK_TMP
 
     # Host: a tiny model exercising int8 kernels (QuantizeLinear -> QLinearConv u8s8 ->
     # DequantizeLinear) and a float path (MatMul + Add + Relu); its input and host output.
@@ -329,7 +346,8 @@ EOF
 import platform, sys, time
 t = time.perf_counter(); import numpy as np; t_np = time.perf_counter() - t
 t = time.perf_counter(); import onnxruntime as ort; t_ort = time.perf_counter() - t
-print(f"guest: machine {platform.machine()}, python {platform.python_version()}, "
+import os
+print(f"guest: cpu {os.environ.get('QEMU_CPU', 'max')}, machine {platform.machine()}, python {platform.python_version()}, "
       f"numpy {np.__version__}, onnxruntime {ort.__version__}")
 print(f"guest: import numpy {t_np:.1f}s, import onnxruntime {t_ort:.1f}s (emulated)")
 t = time.perf_counter()

@@ -1,0 +1,84 @@
+"""Statistics → `QuantTable`: per-time-step ranges, the K-group partition, scales/zero points, weights.
+
+Steps: (1) each calibrated time step's range by the chosen method on its own histogram; (2) the
+K-group partition of the time-step axis (tables.grouping); (3) each group's range by the method on
+the group's merged histogram, → uint8 scale / zero point; (4) weight scales per output channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .grouping import group_of_t, partition, segment_costs
+from .ranges import RangeConfig, affine_params, range_from_hist
+from .schema import QuantTable
+from .stats import ActivationStats
+from .weights import weight_scales
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableConfig:
+    groups: int = 8
+    range: RangeConfig = RangeConfig()
+    weight_bits: int = 8
+    weight_mse: bool = True
+    first_last_8bit: bool = True     # keep conv_in / conv_out weights at 8 bits when weight_bits=4
+
+    def __post_init__(self):
+        if self.groups < 1:
+            raise ValueError(f"groups must be ≥ 1, got {self.groups}")
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
+
+
+def per_step_ranges(stats: ActivationStats, cfg: RangeConfig) -> tuple[np.ndarray, np.ndarray]:
+    S, n = stats.min.shape
+    lo, hi = np.empty((S, n)), np.empty((S, n))
+    for s in range(S):
+        c = stats.bin_centers(s)
+        for i in range(n):
+            lo[s, i], hi[s, i] = range_from_hist(stats.hist[s, i], c, stats.min[s, i], stats.max[s, i], cfg)
+    return lo, hi
+
+
+def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[str, np.ndarray],
+                cfg: TableConfig, calibration: dict | None = None,
+                first_last: tuple[str, ...] = ("conv_in", "conv_out")) -> QuantTable:
+    """See module docstring. `weights`: module name → float weight array (output channels first)."""
+    lo_t, hi_t = per_step_ranges(stats, cfg.range)
+    cost = segment_costs(lo_t, hi_t, stats.samples.astype(np.float64))
+    group = partition(cost, cfg.groups)
+    K = int(group.max()) + 1
+    S = len(stats.sites)
+    lo, hi = np.empty((K, S), np.float32), np.empty((K, S), np.float32)
+    for g in range(K):
+        members = group == g
+        merged = stats.hist[:, members].sum(axis=1)
+        for s in range(S):
+            lo[g, s], hi[g, s] = range_from_hist(merged[s], stats.bin_centers(s), stats.min[s, members].min(),
+                                                 stats.max[s, members].max(), cfg.range)
+    scale, zp = affine_params(lo, hi, cfg.range.bits)
+    wbits = {m: (8 if (m in first_last and cfg.first_last_8bit) else cfg.weight_bits) for m in weights}
+    wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse) for m, w in weights.items()}
+    calib = dict(calibration or {})
+    calib.update(table=dict(groups_requested=cfg.groups, range=asdict(cfg.range), weight_bits=cfg.weight_bits,
+                            weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit))
+    return QuantTable(sites=stats.sites, group_of_t=group_of_t(stats.timesteps, group, num_train_timesteps),
+                      range_lo=lo, range_hi=hi, scale=scale, zero_point=zp, act_bits=cfg.range.bits,
+                      method=cfg.range.method, weight_scale=wscale, weight_bits=wbits, calibration=calib,
+                      timesteps=stats.timesteps, t_min=stats.min.astype(np.float32),
+                      t_max=stats.max.astype(np.float32))
+
+
+def range_variation(table: QuantTable) -> list[dict]:
+    """Per site: how much the observed range width varies over t (max/min ratio), most varying first."""
+    width = np.maximum(table.t_max - table.t_min, 1e-12)
+    rows = []
+    for i, s in enumerate(table.sites):
+        w = width[i]
+        rows.append(dict(site=s, width_min=float(w.min()), width_max=float(w.max()),
+                         ratio_max_over_min=float(w.max() / w.min()),
+                         t_at_max=int(table.timesteps[w.argmax()]), t_at_min=int(table.timesteps[w.argmin()])))
+    return sorted(rows, key=lambda r: -r["ratio_max_over_min"])

@@ -1,0 +1,115 @@
+"""`QuantTable`: per-time-step-group activation quantization parameters plus weight scales, and its
+files (`tables.safetensors` for arrays + `tables.json` index).
+
+Activation parameters are indexed by the raw training time step t: `g = group_of_t[t]`, then
+`scale[g, i]` / `zero_point[g, i]` for site `sites[i]` (uint8 affine). Weight scales are per output
+channel, keyed by module name (`weight_scale[module]`, symmetric, `weight_bits[module]` ∈ {4, 8}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import QexportError
+
+TABLES_JSON = "tables.json"
+TABLES_ARRAYS = "tables.safetensors"
+SCHEMA = "qexport-tables/1"
+
+
+@dataclass(frozen=True)
+class QuantTable:
+    sites: tuple[str, ...]
+    group_of_t: np.ndarray          # [T] int32
+    range_lo: np.ndarray            # [K, S] float32: clipping range chosen by the method
+    range_hi: np.ndarray            # [K, S]
+    scale: np.ndarray               # [K, S] float32
+    zero_point: np.ndarray          # [K, S] int64, uint8 domain
+    act_bits: int
+    method: str
+    weight_scale: dict              # module -> [C_out] float32
+    weight_bits: dict               # module -> 4 | 8
+    calibration: dict = field(default_factory=dict)
+    timesteps: np.ndarray | None = None   # [n] calibrated time steps (ascending)
+    t_min: np.ndarray | None = None       # [S, n] observed minimum per calibrated time step
+    t_max: np.ndarray | None = None       # [S, n]
+
+    def __post_init__(self):
+        K, S = self.scale.shape
+        if S != len(self.sites) or self.zero_point.shape != (K, S) or self.range_lo.shape != (K, S):
+            raise ValueError("table arrays disagree on [groups, sites]")
+        if self.group_of_t.min() < 0 or self.group_of_t.max() >= K:
+            raise ValueError("group_of_t points outside [0, groups)")
+
+    @property
+    def groups(self) -> int:
+        return int(self.scale.shape[0])
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.group_of_t.shape[0])
+
+    def site_index(self, site: str) -> int:
+        return self.sites.index(site)
+
+    def params_at(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scale [S], zero_point [S]) at training time step t."""
+        g = int(self.group_of_t[t])
+        return self.scale[g], self.zero_point[g]
+
+    # -- files ---------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        a = dict(group_of_t=self.group_of_t, range_lo=self.range_lo, range_hi=self.range_hi, scale=self.scale,
+                 zero_point=self.zero_point)
+        if self.timesteps is not None:
+            a.update(timesteps=self.timesteps, t_min=self.t_min, t_max=self.t_max)
+        a.update({f"weight_scale/{k}": v for k, v in self.weight_scale.items()})
+        return {k: np.ascontiguousarray(v) for k, v in a.items()}
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self.arrays().items()):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(v).tobytes())
+        return h.hexdigest()
+
+    def save(self, folder: str | Path, summary: dict | None = None) -> None:
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.arrays(), str(folder / TABLES_ARRAYS))
+        index = dict(schema=SCHEMA, qexport_version=__version__, sha256=self.digest(), sites=list(self.sites),
+                     groups=self.groups, num_train_timesteps=self.num_train_timesteps, act_bits=self.act_bits,
+                     method=self.method, weight_bits=self.weight_bits, calibration=self.calibration,
+                     summary=summary or {})
+        (folder / TABLES_JSON).write_text(json.dumps(index, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "QuantTable":
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        if not (folder / TABLES_JSON).exists() or not (folder / TABLES_ARRAYS).exists():
+            raise QexportError(f"{folder} has no {TABLES_JSON} + {TABLES_ARRAYS}; pass the folder written by "
+                               f"`qexport calibrate`")
+        index = json.loads((folder / TABLES_JSON).read_text())
+        if index.get("schema") != SCHEMA:
+            raise QexportError(f"{folder}/{TABLES_JSON} has schema {index.get('schema')!r}, expected {SCHEMA!r}; "
+                               f"recalibrate with this qexport version")
+        arr = load_file(str(folder / TABLES_ARRAYS))
+        ws = {k.split("/", 1)[1]: v for k, v in arr.items() if k.startswith("weight_scale/")}
+        table = cls(sites=tuple(index["sites"]), group_of_t=arr["group_of_t"], range_lo=arr["range_lo"],
+                    range_hi=arr["range_hi"], scale=arr["scale"], zero_point=arr["zero_point"],
+                    act_bits=index["act_bits"], method=index["method"], weight_scale=ws,
+                    weight_bits=index["weight_bits"], calibration=index["calibration"],
+                    timesteps=arr.get("timesteps"), t_min=arr.get("t_min"), t_max=arr.get("t_max"))
+        if table.digest() != index["sha256"]:
+            raise QexportError(f"{folder}: arrays do not match the sha256 in {TABLES_JSON}; recalibrate")
+        return table
