@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +88,7 @@ def load_stats(folder: Path) -> ActivationStats:
                            hist_hi=z["hist_hi"], seconds=float(z["seconds"]))
 
 
-def summary_json(table: QuantTable) -> str:
+def variation(stats: ActivationStats) -> list[dict]:
     from ..tables.build import range_variation
 
-    return json.dumps(range_variation(table), indent=2)
+    return range_variation(stats.sites, stats.timesteps, stats.min, stats.max)

@@ -29,7 +29,7 @@ STRATEGIES = ("uniform", "ndtc", "all")
 class SourceConfig:
     strategy: str = "uniform"
     samples: int = 1024          # (t, image) pairs in total (ignored by `all`)
-    trajectories: int = 64       # trajectories run in one batch (`all` keeps all of them at every step)
+    trajectories: int = 32       # trajectories run in one batch (`all` keeps all of them at every step)
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 0

@@ -72,13 +72,14 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
                       t_max=stats.max.astype(np.float32))
 
 
-def range_variation(table: QuantTable) -> list[dict]:
-    """Per site: how much the observed range width varies over t (max/min ratio), most varying first."""
-    width = np.maximum(table.t_max - table.t_min, 1e-12)
+def range_variation(sites, timesteps: np.ndarray, t_min: np.ndarray, t_max: np.ndarray) -> list[dict]:
+    """Per site: how much the observed range width (max − min) varies over the calibrated time steps
+    (ratio of its largest to its smallest value), most varying first."""
+    width = np.maximum(t_max - t_min, 1e-12)
     rows = []
-    for i, s in enumerate(table.sites):
+    for i, s in enumerate(sites):
         w = width[i]
         rows.append(dict(site=s, width_min=float(w.min()), width_max=float(w.max()),
                          ratio_max_over_min=float(w.max() / w.min()),
-                         t_at_max=int(table.timesteps[w.argmax()]), t_at_min=int(table.timesteps[w.argmin()])))
+                         t_at_max=int(timesteps[w.argmax()]), t_at_min=int(timesteps[w.argmin()])))
     return sorted(rows, key=lambda r: -r["ratio_max_over_min"])

@@ -77,6 +77,8 @@ def concat_splits(unet: nn.Module) -> dict[str, list[int]]:
     `{"up_blocks.0.resnets.0.conv_shortcut": [c_hidden, c_skip], ...}`. Found with one dry forward
     (diffusers concatenates `[hidden_states, res_hidden_states]` inside the up block)."""
     splits: dict[str, list[int]] = {}
+    if not hasattr(unet, "up_blocks") or not hasattr(unet, "config"):
+        return splits
     handles = []
     for bname, block in unet.named_modules():
         if not bname.startswith("up_blocks.") or bname.count(".") != 1 or not hasattr(block, "resnets"):

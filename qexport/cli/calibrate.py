@@ -1,0 +1,89 @@
+"""`qexport calibrate MODEL_ID -o DIR`: per-time-step activation tables from FP32 trajectories."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .base import Command
+
+
+def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by calibrate, inspect and convert (defaults live in the config dataclasses)."""
+    g = p.add_argument_group("calibration")
+    g.add_argument("--config", help="JSON file with a CalibrationConfig ({source: {...}, table: {...}}); "
+                                    "command-line options below override it")
+    g.add_argument("--strategy", choices=["uniform", "ndtc", "all"])
+    g.add_argument("--samples", type=int, help="(t, image) pairs in the calibration set")
+    g.add_argument("--trajectories", type=int, help="trajectories sampled in one batch")
+    g.add_argument("--steps", type=int, help="sampling steps of the calibration trajectories")
+    g.add_argument("--scheduler", choices=["ddim", "ddpm", "dpmsolver++"], help="calibration sampler")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--method", choices=["minmax", "percentile", "mse"], help="activation range method")
+    g.add_argument("--groups", type=int, help="time-step groups K (1 = one static range)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
+
+
+def calibration_config(args: argparse.Namespace, **forced):
+    from ..calibrate.api import CalibrationConfig
+
+    d = json.loads(open(args.config).read()) if getattr(args, "config", None) else {}
+    src, table = dict(d.get("source", {})), dict(d.get("table", {}))
+    rng = dict(table.pop("range", {}))
+    for k in ("strategy", "samples", "trajectories", "steps", "scheduler", "seed"):
+        if getattr(args, k, None) is not None:
+            src[k] = getattr(args, k)
+    if getattr(args, "groups", None) is not None:
+        table["groups"] = args.groups
+    if getattr(args, "method", None) is not None:
+        rng["method"] = args.method
+    for k, v in forced.items():
+        (rng if k == "method" else table)[k] = v
+    return CalibrationConfig.from_dict({**d, "source": src, "table": {**table, "range": rng}})
+
+
+def print_variation(rows: list[dict], n: int = 10) -> None:
+    print(f"{'site (most time-varying first)':<48} {'width min':>10} {'width max':>10} {'max/min':>8}")
+    for r in rows[:n]:
+        print(f"{r['site']:<48} {r['width_min']:>10.4g} {r['width_max']:>10.4g} {r['ratio_max_over_min']:>8.2f}")
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_id", metavar="MODEL_ID", help="shipped model name, local folder or Hub id")
+    p.add_argument("-o", "--output", required=True, help="folder for tables.json, tables.safetensors, stats.npz")
+    p.add_argument("--weight-bits", type=int, choices=[4, 8], default=None)
+    add_calibration_arguments(p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ..calibrate.api import calibrate, save_stats, variation
+    from ..zoo.loading import load_model
+
+    forced = {"weight_bits": args.weight_bits} if args.weight_bits else {}
+    cfg = calibration_config(args, **forced)
+    model = load_model(args.model_id, allow_pickle=args.allow_pickle)
+    table, stats = calibrate(model, cfg)
+    out = Path(args.output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    try:
+        var = variation(stats)
+        table.save(tmp, summary=dict(range_variation_top=var[:10]))
+        save_stats(stats, tmp)
+        (tmp / "range_variation.json").write_text(json.dumps(var, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(tmp), str(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_variation(var)
+    c = table.calibration
+    print(f"\n{len(table.sites)} sites, {table.groups} groups, method {table.method}, {c['samples']} samples, "
+          f"{c['seconds']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB → {out}")
+    return 0
+
+
+COMMAND = Command("calibrate", "collect per-time-step activation statistics and write quantization tables", _add, _run)

@@ -1,0 +1,1 @@
+"""Evaluation: simulated quantization in torch, activation error along trajectories, fidelity metrics."""

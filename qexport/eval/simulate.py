@@ -1,0 +1,75 @@
+"""Simulated (fake) quantization in torch with a `QuantTable`: the reference the ONNX graphs are
+checked against, and the tool for measuring activation quantization error along trajectories.
+
+`simulated(unet, table, weights=True)` is a context manager: inside it, every site's tensor is
+quantized/dequantized with the table's parameters for the current time step (set by
+`sim.set_timestep(t)` or automatically from the `timestep` argument of the forward), and Conv/Linear
+weights are replaced by their dequantized integer weights. `on_site(site, x, xq)` observes both.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..tables.schema import QuantTable
+from ..tables.weights import quantize_weight
+from ..zoo.taps import install_taps, remove_taps
+
+
+def fake_quant(x: torch.Tensor, scale: float, zero_point: int, bits: int = 8) -> torch.Tensor:
+    """Unsigned affine quantize → dequantize, rounding half to even like ONNX QuantizeLinear."""
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 2 ** bits - 1)
+    return (q - zero_point) * scale
+
+
+class _Sim:
+    def __init__(self, table: QuantTable, on_site=None):
+        self.table, self.on_site = table, on_site
+        self.index = {s: i for i, s in enumerate(table.sites)}
+        self.t = 0
+
+    def set_timestep(self, t: int) -> None:
+        self.t = int(t)
+
+    def __call__(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        i = self.index.get(site)
+        if i is None:
+            return x
+        scale, zp = self.table.params_at(self.t)
+        xq = fake_quant(x, float(scale[i]), int(zp[i]), self.table.act_bits)
+        if self.on_site is not None:
+            self.on_site(site, x, xq)
+        return xq
+
+
+@contextmanager
+def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activations: bool = True, on_site=None):
+    sim = _Sim(table, on_site)
+    saved = {}
+    if weights:
+        for name, m in unet.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and name in table.weight_scale:
+                w = m.weight.detach().numpy()
+                s = table.weight_scale[name]
+                q = quantize_weight(w, s, table.weight_bits[name]).astype(np.float32)
+                saved[name] = m.weight.data.clone()
+                m.weight.data = torch.from_numpy(q * s.reshape(-1, *([1] * (w.ndim - 1))))
+    handles = install_taps(unet, sim if activations else None)
+
+    def pre(mod, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None:
+            sim.set_timestep(int(torch.as_tensor(t).reshape(-1)[0]))
+
+    handles.append(unet.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield sim
+    finally:
+        remove_taps(handles)
+        mods = dict(unet.named_modules())
+        for name, w in saved.items():
+            mods[name].weight.data = w
