@@ -2,7 +2,7 @@
 
   - `minmax`      the observed range;
   - `percentile`  the `percentile` / `100 − percentile` quantiles of the histogram;
-  - `mse`         the observed range shrunk by the ratio α (searched on a grid) that minimizes the
+  - `mse`         the observed range shrunk by the ratio α (geometric grid) that minimizes the
                   expected quantization MSE under the histogram.
 Each method has one frozen, keyword-only config with its defaults defined once.
 """
@@ -21,8 +21,8 @@ class RangeConfig:
     method: str = "mse"
     bits: int = 8
     percentile: float = 99.99     # percentile method: upper quantile (the lower one is 100 − p)
-    mse_grid: int = 80            # mse method: candidates α in [mse_min_ratio, 1]
-    mse_min_ratio: float = 0.2
+    mse_grid: int = 100           # mse method: candidates α, geometric in [mse_min_ratio, 1]
+    mse_min_ratio: float = 0.01
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -62,7 +62,7 @@ def range_from_hist(counts: np.ndarray, centers: np.ndarray, lo_obs: float, hi_o
         hi = centers[min(np.searchsorted(cdf, cfg.percentile / 100.0), len(centers) - 1)]
         lo = centers[min(np.searchsorted(cdf, 1.0 - cfg.percentile / 100.0), len(centers) - 1)]
         return float(max(lo, lo_obs)), float(min(hi, hi_obs))
-    alphas = np.linspace(cfg.mse_min_ratio, 1.0, cfg.mse_grid)
+    alphas = np.geomspace(cfg.mse_min_ratio, 1.0, cfg.mse_grid)
     mask = counts > 0
     err = quant_mse(centers[mask], counts[mask], alphas * lo_obs, alphas * hi_obs, cfg.bits)
     a = alphas[int(np.argmin(err))]

@@ -4,8 +4,10 @@ simulation and export.
 A site is a string naming one quantized activation tensor:
   - `<module>`                  the input of a Conv2d / Linear (e.g. `down_blocks.0.resnets.0.conv1`);
   - `<module>.part<k>`          part k of a skip concatenation that feeds a Conv2d (split quantization);
+  - `<module>.out`              the output of a Conv2d / Linear (integer kernels produce integer outputs);
   - `<attn>.qk.a` / `<attn>.qk.b`  the operands of Q·Kᵀ (query already multiplied by the softmax scale);
-  - `<attn>.pv.a` / `<attn>.pv.b`  the operands of softmax(·)·V.
+  - `<attn>.pv.a` / `<attn>.pv.b`  the operands of softmax(·)·V;
+  - `<attn>.qk.out` / `<attn>.pv.out`  the products.
 
 `install_taps(unet, fn)` makes every site call `fn(site, tensor) -> tensor` during forward: an
 observer records statistics, a fake-quantizer rounds, the exporter marks the ONNX graph.
@@ -57,11 +59,11 @@ class TapAttnProcessor:
         value = attn.head_to_batch_dim(value)
         q = self._tap("qk.a", query * attn.scale)
         kt = self._tap("qk.b", key).transpose(-1, -2)
-        scores = torch.matmul(q, kt)
+        scores = self._tap("qk.out", torch.matmul(q, kt))
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = self._tap("pv.a", scores.softmax(dim=-1))
-        hidden_states = torch.matmul(probs, self._tap("pv.b", value))
+        hidden_states = self._tap("pv.out", torch.matmul(probs, self._tap("pv.b", value)))
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -126,6 +128,7 @@ def install_taps(unet: nn.Module, fn: TapFn | None) -> list:
                 return (x, *args[1:])
 
             handles.append(mod.register_forward_pre_hook(hook))
+            handles.append(mod.register_forward_hook(lambda m, args, out, name=name: fn(f"{name}.out", out)))
     return handles
 
 

@@ -1,25 +1,19 @@
-"""StripTaps: remove every `qexport.Tap` marker (wire its input to its consumers); the result is the
-plain FP32 reference graph."""
+"""StripTaps: remove every `qexport.Tap` marker; the result is the plain FP32 reference graph."""
 
 from __future__ import annotations
 
 import onnx
 
 from ..to_onnx import TAP_DOMAIN, TAP_OP
+from .graph_utils import bypass
 
 
 def is_tap(node: onnx.NodeProto) -> bool:
     return node.op_type == TAP_OP and node.domain == TAP_DOMAIN
 
 
-def rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for n in graph.node:
-        for i, name in enumerate(n.input):
-            if name == old:
-                n.input[i] = new
-    for o in graph.output:
-        if o.name == old:
-            raise ValueError(f"graph output {old} is produced by a tap")
+def tap_site(node: onnx.NodeProto) -> str:
+    return next(a.s.decode() for a in node.attribute if a.name == "site")
 
 
 def drop_custom_opset(model: onnx.ModelProto) -> None:
@@ -32,10 +26,8 @@ class StripTaps:
     """Model → model without tap markers. Returns whether anything changed."""
 
     def __call__(self, model: onnx.ModelProto) -> bool:
-        g = model.graph
-        taps = [n for n in g.node if is_tap(n)]
+        taps = [n for n in model.graph.node if is_tap(n)]
         for t in taps:
-            rename_input(g, t.output[0], t.input[0])
-            g.node.remove(t)
+            bypass(model.graph, t)
         drop_custom_opset(model)
         return bool(taps)

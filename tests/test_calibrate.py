@@ -1,0 +1,207 @@
+"""Calibrator: sources, observers, range methods, grouping, weights, table files, and the shipped model."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="calibration needs the toolchain extra")
+
+from qexport.calibrate.api import CalibrationConfig, calibrate  # noqa: E402
+from qexport.calibrate.observers import collect_statistics  # noqa: E402
+from qexport.calibrate.sources import CalibrationSource, SourceConfig, samples_per_step  # noqa: E402
+from qexport.errors import QexportError  # noqa: E402
+from qexport.tables.build import TableConfig, build_table  # noqa: E402
+from qexport.tables.grouping import partition  # noqa: E402
+from qexport.tables.ranges import RangeConfig, quant_mse, range_from_hist  # noqa: E402
+from qexport.tables.schema import QuantTable  # noqa: E402
+from qexport.tables.weights import quantize_weight, weight_scales  # noqa: E402
+from qexport.zoo.loading import load_model  # noqa: E402
+
+from .conftest import SCHED, shipped_or_skip  # noqa: E402
+
+FAST = SourceConfig(steps=10, samples=80, trajectories=8)
+
+
+def amplitude(t: int) -> float:
+    return 0.5 + 3.0 * (t / 1000) ** 2
+
+
+class ScaledByT(torch.nn.Module):
+    """A hand-built 'U-Net' whose conv input spans exactly [−a(t), a(t)] (known function of t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        self.config = SimpleNamespace(sample_size=4, in_channels=1)
+
+    def forward(self, sample, timestep):
+        a = amplitude(int(timestep.reshape(-1)[0]))
+        ramp = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4).expand(sample.shape[0], 1, 4, 4)
+        self.conv(ramp * a)
+        return SimpleNamespace(sample=torch.zeros_like(sample))
+
+
+def test_known_function_of_t_is_recovered():
+    src = CalibrationSource(SCHED, (1, 4, 4), SourceConfig(strategy="all", steps=20, trajectories=2))
+    stats = collect_statistics(ScaledByT(), src, bins=256, progress=False)
+    expected = np.array([amplitude(int(t)) for t in stats.timesteps])
+    i = stats.site_index("conv")
+    np.testing.assert_allclose(stats.max[i], expected, rtol=1e-6)
+    np.testing.assert_allclose(stats.min[i], -expected, rtol=1e-6)
+    cfg = TableConfig(groups=20, range=RangeConfig(method="minmax"))
+    table = build_table(stats, 1000, {}, cfg)
+    for t, a in zip(stats.timesteps, expected):  # fully per-step table: each step gets its own range
+        g = table.group_of_t[t]
+        assert table.range_hi[g, 0] == pytest.approx(a, rel=1e-6)
+        assert table.range_lo[g, 0] == pytest.approx(-a, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_stats(tiny_pipeline_dir):
+    model = load_model(str(tiny_pipeline_dir))
+    table, stats = calibrate(model, CalibrationConfig(source=FAST, table=TableConfig(groups=1, range=RangeConfig(
+        method="minmax"))), progress=False)
+    return model, table, stats
+
+
+def test_k1_table_equals_global_range(tiny_stats):
+    _, table, stats = tiny_stats
+    assert table.groups == 1 and set(table.group_of_t.tolist()) == {0}
+    np.testing.assert_allclose(table.range_lo[0], stats.min.min(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(table.range_hi[0], stats.max.max(axis=1), rtol=1e-6)
+
+
+def test_sites_cover_convs_linears_attention_and_split_concats(tiny_stats):
+    model, table, _ = tiny_stats
+    sites = set(table.sites)
+    convs = [n for n, m in model.unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for n in convs:
+        assert n in sites or f"{n}.part0" in sites, n
+    assert any(s.endswith(".qk.a") for s in sites) and any(s.endswith(".pv.b") for s in sites)
+    split = [s for s in sites if s.endswith(".part1")]
+    assert split and all("up_blocks" in s and "conv_shortcut" in s for s in split)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 1000])
+def test_group_of_t_covers_all_timesteps(tiny_stats, k):
+    model, _, stats = tiny_stats
+    table = build_table(stats, 1000, {}, TableConfig(groups=k, range=RangeConfig(method="minmax")))
+    g = table.group_of_t
+    assert g.shape == (1000,) and g.min() == 0 and g.max() == table.groups - 1
+    assert table.groups == min(k, len(stats.timesteps))
+    assert np.all(np.diff(g) >= 0), "groups are contiguous in t"
+    assert set(np.unique(g)) == set(range(table.groups))
+
+
+def test_partition_is_optimal_on_a_small_case():
+    rng = np.random.default_rng(0)
+    cost = np.triu(rng.random((6, 6)) + np.arange(6)[None, :] * 0.1)
+    cost[np.tril_indices(6, -1)] = np.inf
+    group = partition(cost, 3)
+    import itertools
+
+    def total(cuts):
+        bounds = [0, *cuts, 6]
+        return sum(cost[a, b - 1] for a, b in zip(bounds[:-1], bounds[1:]))
+
+    best = min(itertools.combinations(range(1, 6), 2), key=total)
+    found = tuple(np.flatnonzero(np.diff(group)) + 1)
+    assert total(found) == pytest.approx(total(best))
+
+
+def test_uniform_and_ndtc_shapes():
+    ts = np.arange(0, 1000, 20)[::-1]  # DDIM-50 time steps
+    u = samples_per_step(SourceConfig(strategy="uniform", samples=1000, trajectories=1000), ts, 1000)
+    assert u.sum() == 1000 and u.max() - u.min() <= 1
+    n = samples_per_step(SourceConfig(strategy="ndtc", samples=4000, trajectories=4000), ts, 1000)
+    t_mean = (n * ts).sum() / n.sum()
+    assert t_mean < 400, f"NDTC should skew toward t→0, mean t = {t_mean:.0f}"
+    low, high = n[ts < 333].sum(), n[ts >= 667].sum()
+    assert low > 3 * high
+    mode_t = ts[np.argmax(n)]
+    assert 100 <= mode_t <= 400, mode_t   # peak near the configured mean 0.25·T
+    a = samples_per_step(SourceConfig(strategy="all", trajectories=7), ts, 1000)
+    assert np.all(a == 7)
+
+
+def test_mse_range_clips_rare_outliers():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(1_000_000), np.full(5, 60.0), np.full(5, -60.0)])
+    counts, edges = np.histogram(x, bins=8192)
+    counts = counts.astype(float)
+    centers = 0.5 * (edges[1:] + edges[:-1])
+
+    def err(lo, hi, bits):
+        return quant_mse(centers, counts, lo, hi, bits)[0]
+
+    # 4 bits: clipping the rare outliers wins by far
+    lo, hi = range_from_hist(counts, centers, x.min(), x.max(), RangeConfig(method="mse", bits=4))
+    assert hi < 10 and lo > -10
+    assert err(lo, hi, 4) < 0.1 * err(x.min(), x.max(), 4)
+    # 8 bits: the search is never worse than min/max or a percentile range
+    lo8, hi8 = range_from_hist(counts, centers, x.min(), x.max(), RangeConfig(method="mse"))
+    plo, phi = range_from_hist(counts, centers, x.min(), x.max(), RangeConfig(method="percentile", percentile=99.9))
+    assert err(lo8, hi8, 8) <= min(err(x.min(), x.max(), 8), err(plo, phi, 8))
+    assert np.mean(x > phi) == pytest.approx(0.001, abs=0.0003)
+    assert np.mean(x < plo) == pytest.approx(0.001, abs=0.0003)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_scales_mse_beats_absmax(bits):
+    rng = np.random.default_rng(1)
+    w = rng.standard_t(3, size=(16, 8, 3, 3)).astype(np.float32)
+    s_mse, s_max = weight_scales(w, bits, mse=True), weight_scales(w, bits, mse=False)
+    err = lambda s: ((w - quantize_weight(w, s, bits) * s.reshape(-1, 1, 1, 1)) ** 2).sum()  # noqa: E731
+    assert err(s_mse) < err(s_max)
+    q = quantize_weight(w, s_mse, bits)
+    assert q.min() >= -(2 ** (bits - 1) - 1) and q.max() <= 2 ** (bits - 1) - 1
+
+
+def test_first_last_layers_stay_8bit(tiny_stats):
+    model, _, stats = tiny_stats
+    from qexport.calibrate.api import unet_weights
+
+    table = build_table(stats, 1000, unet_weights(model.unet), TableConfig(groups=2, weight_bits=4))
+    assert table.weight_bits["conv_in"] == 8 and table.weight_bits["conv_out"] == 8
+    assert table.weight_bits["down_blocks.0.resnets.0.conv1"] == 4
+
+
+def test_table_files_roundtrip_and_tamper(tiny_stats, tmp_path):
+    _, table, _ = tiny_stats
+    table.save(tmp_path / "t")
+    back = QuantTable.load(tmp_path / "t")
+    assert back.digest() == table.digest() and back.sites == table.sites
+    index = json.loads((tmp_path / "t" / "tables.json").read_text())
+    assert {"sites", "groups", "method", "act_bits", "weight_bits", "calibration"} <= set(index)
+    index["sha256"] = "0" * 64
+    (tmp_path / "t" / "tables.json").write_text(json.dumps(index))
+    with pytest.raises(QexportError, match="sha256"):
+        QuantTable.load(tmp_path / "t")
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(QexportError, match="unknown SourceConfig keys"):
+        CalibrationConfig.from_dict({"source": {"stratgy": "uniform"}})
+    with pytest.raises(QexportError, match="unknown RangeConfig keys"):
+        CalibrationConfig.from_dict({"table": {"range": {"methd": "mse"}}})
+    cfg = CalibrationConfig.from_dict({"source": {"steps": 7}, "table": {"groups": 3, "range": {"method": "minmax"}}})
+    assert cfg.source.steps == 7 and cfg.table.groups == 3 and cfg.table.range.method == "minmax"
+
+
+def test_per_step_tables_beat_static_on_shipped_model():
+    """A real measurement: activation quantization MSE summed over a held-out trajectory (another
+    seed than calibration), per-time-step tables (K=8) vs one static range (K=1)."""
+    from qexport.eval.activation_error import activation_quant_mse
+    from qexport.zoo.registry import MAIN_MODEL
+
+    shipped_or_skip(MAIN_MODEL)
+    model = load_model(MAIN_MODEL)
+    cfg = CalibrationConfig(source=SourceConfig(steps=20, samples=320, trajectories=16),
+                            table=TableConfig(groups=1, range=RangeConfig(method="minmax")))
+    table1, stats = calibrate(model, cfg, progress=False)
+    table8 = build_table(stats, 1000, {}, TableConfig(groups=8, range=RangeConfig(method="minmax")))
+    res = activation_quant_mse(model.unet, model.scheduler_config, model.sample_shape,
+                               {"k1": table1, "k8": table8}, steps=20, batch=8, seed=99)
+    assert res["k8"]["total"] < 0.9 * res["k1"]["total"], (res["k8"]["total"], res["k1"]["total"])
