@@ -20,6 +20,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: ORT's optimizer notes are not the user's concern
     return so
 
 

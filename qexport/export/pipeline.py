@@ -6,6 +6,7 @@ job) adds the quantized graphs built from calibration tables.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -37,6 +38,16 @@ def marked_graph(model: LoadedModel, workdir: Path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
+def fp32_graph(marked: onnx.ModelProto) -> onnx.ModelProto:
+    """The FP32 reference graph: the marked export without its taps, at the quantized graphs' opset."""
+    model = onnx.ModelProto()
+    model.CopyFrom(marked)
+    StripTaps()(model)
+    model = to_opset(model)
+    onnx.checker.check_model(model)
+    return model
+
+
 def manifest_fields(model: LoadedModel, *, bits: dict, groups: int, method: str, extra: dict | None = None) -> dict:
     inputs, outputs = io_spec(model)
     return dict(source=dict(model_id=model.model_id, kind=model.kind, weights_sha256=model.weights_sha256),
@@ -50,9 +61,135 @@ def export_fp32_artifact(model_id: str, out: str | Path, *, overwrite: bool = Fa
     """Write an artifact holding only the FP32 reference graph of MODEL_ID."""
     model = load_model(model_id, allow_pickle=allow_pickle)
     with ArtifactWriter(out, overwrite=overwrite) as w, tempfile.TemporaryDirectory() as tmp:
-        fp32 = marked_graph(model, Path(tmp))
-        StripTaps()(fp32)
-        onnx.checker.check_model(fp32)
-        onnx.save(fp32, str(w.add(FP32_FILE, "fp32")))
+        onnx.save(fp32_graph(marked_graph(model, Path(tmp))), str(w.add(FP32_FILE, "fp32")))
         w.finish(**manifest_fields(model, bits=dict(weights=32, activations=32), groups=0, method="fp32"))
     return Path(out)
+
+
+QDQ_FILE = "unet_qdq.onnx"
+QOPSET = 21
+
+
+def to_opset(model: onnx.ModelProto, opset: int = QOPSET) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return model if current == opset else version_converter.convert_version(model, opset)
+
+
+def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.ModelProto:
+    """The portable QDQ graph: activation parameters looked up by time step (`group=None`) or
+    frozen at one group (a constant-scale graph ORT fuses itself). Pass order, declared once:
+    DetachBias → QuantizeActivations → (opset 21) → QuantizeWeights."""
+    from .passes import CompactNames, DetachBias, QuantizeActivations, QuantizeWeights
+    from .passes.graph_utils import prune_initializers
+    from .passes.params import ConstantParams, LookupParams
+
+    model = onnx.ModelProto()
+    model.CopyFrom(marked)
+    DetachBias()(model)
+    params = LookupParams(model.graph, table) if group is None else ConstantParams(model.graph, table, group)
+    QuantizeActivations(params)(model)
+    model = to_opset(model)
+    QuantizeWeights(table)(model)
+    prune_initializers(model.graph)
+    CompactNames()(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+INT_FILE = "unet_int.onnx"
+
+
+def build_int(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """The integer-operator lowering of a QDQ graph (QLinearConv / QLinearMatMul, standard ONNX)."""
+    from .passes.lower_integer import LowerToInteger
+
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    LowerToInteger()(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+STATIC_GROUP_FILE = "unet_static_g{group:03d}.onnx"
+SHARED_WEIGHTS = "static_groups.weights"
+
+
+def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None = None, method: str = "mse",
+            calibration=None, tables: str | Path | None = None, static_groups: bool = False,
+            overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> Path:
+    """The main job: MODEL_ID → calibrated tables → artifact folder (FP32, QDQ, integer graphs).
+
+    `method="static"` is the baseline ORT's quantize_static would give (K=1, min/max ranges,
+    Conv/MatMul/Gemm), exported through the same passes with constant scales."""
+    from tqdm import tqdm
+
+    from ..calibrate.api import CalibrationConfig, calibrate
+    from ..errors import QexportError
+    from ..tables.build import TableConfig
+    from ..tables.ranges import RangeConfig
+    from ..tables.schema import QuantTable
+
+    if bits not in (4, 8):
+        raise QexportError(f"--bits must be 4 or 8, got {bits}")
+    cfg = calibration or CalibrationConfig()
+    if method == "static":
+        cfg = dataclasses.replace(cfg, table=TableConfig(groups=1, range=RangeConfig(method="minmax"), weight_bits=bits,
+                                                         weight_mse=False, zero_point="per-group"))
+    else:
+        tcfg = dataclasses.replace(cfg.table, weight_bits=bits, range=dataclasses.replace(cfg.table.range, method=method))
+        if groups is not None:
+            tcfg = dataclasses.replace(tcfg, groups=groups)
+        cfg = dataclasses.replace(cfg, table=tcfg)
+    stages = tqdm(total=5 + (1 if static_groups else 0), desc="convert", disable=not progress)
+    model = load_model(model_id, allow_pickle=allow_pickle)
+    stages.update(1)
+    if tables is not None:
+        table = QuantTable.load(tables)
+        if table.calibration.get("weights_sha256") != model.weights_sha256:
+            raise QexportError(f"tables in {tables} were calibrated on other weights than {model_id}; recalibrate")
+    else:
+        table, _ = calibrate(model, cfg, progress=progress)
+    stages.update(1)
+    with ArtifactWriter(out, overwrite=overwrite) as w, tempfile.TemporaryDirectory() as tmp:
+        marked = marked_graph(model, Path(tmp))
+        onnx.save(fp32_graph(marked), str(w.add(FP32_FILE, "fp32")))
+        stages.update(1)
+        qdq = build_qdq(marked, table, group=0 if method == "static" else None)
+        onnx.save(qdq, str(w.add(QDQ_FILE, "qdq")))
+        stages.update(1)
+        onnx.save(build_int(qdq), str(w.add(INT_FILE, "int")))
+        stages.update(1)
+        extra = dict(tables=dict(sha256=table.digest(), sites=len(table.sites), method=table.method,
+                                 zero_point=cfg.table.zero_point),
+                     ops=dict(quantized=["Conv", "MatMul", "Gemm"], attention_matmuls=True,
+                              split_concat_quantization=True))
+        if static_groups:
+            extra["static_groups"] = write_static_groups(marked, table, w)
+            stages.update(1)
+        table.save(w.dir)
+        w.add("tables.json", "tables")
+        w.add("tables.safetensors", "tables")
+        w.finish(**manifest_fields(model, bits=dict(weights=bits, activations=table.act_bits), groups=table.groups,
+                                   method=method, extra=extra))
+    stages.close()
+    return Path(out)
+
+
+def write_static_groups(marked: onnx.ModelProto, table, w: ArtifactWriter) -> dict:
+    """One constant-scale QDQ graph per group (for NPUs that need constant scales); their integer
+    weights are written once, to one external-data file all the graphs point into."""
+    from .passes.external_data import SharedWeights
+
+    shared = SharedWeights(w.dir / SHARED_WEIGHTS)
+    files = {}
+    for g in range(table.groups):
+        name = STATIC_GROUP_FILE.format(group=g)
+        model = build_qdq(marked, table, group=g)
+        shared.externalize(model)
+        onnx.save(model, str(w.add(name, "static-group")))
+        files[name] = g
+    shared.close()
+    w.add(SHARED_WEIGHTS, "weights")
+    return dict(files=files, group_of_t_in="tables.safetensors", shared_weights=SHARED_WEIGHTS)

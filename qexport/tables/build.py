@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .grouping import group_of_t, partition, segment_costs
-from .ranges import RangeConfig, affine_params, range_from_hist
+from .ranges import RangeConfig, affine_params, range_from_hist, shared_zero_point_params
 from .schema import QuantTable
 from .stats import ActivationStats
 from .weights import weight_scales
@@ -25,10 +25,13 @@ class TableConfig:
     weight_bits: int = 8
     weight_mse: bool = True
     first_last_8bit: bool = True     # keep conv_in / conv_out weights at 8 bits when weight_bits=4
+    zero_point: str = "shared"       # "shared": one zero point per site (fast integer kernels); "per-group"
 
     def __post_init__(self):
         if self.groups < 1:
             raise ValueError(f"groups must be ≥ 1, got {self.groups}")
+        if self.zero_point not in ("shared", "per-group"):
+            raise ValueError(f"zero_point must be 'shared' or 'per-group', got {self.zero_point!r}")
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
 
@@ -59,12 +62,16 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
         for s in range(S):
             lo[g, s], hi[g, s] = range_from_hist(merged[s], stats.bin_centers(s), stats.min[s, members].min(),
                                                  stats.max[s, members].max(), cfg.range)
-    scale, zp = affine_params(lo, hi, cfg.range.bits)
+    if cfg.zero_point == "shared":
+        scale, zp = shared_zero_point_params(lo, hi, cfg.range.bits)
+    else:
+        scale, zp = affine_params(lo, hi, cfg.range.bits)
     wbits = {m: (8 if (m in first_last and cfg.first_last_8bit) else cfg.weight_bits) for m in weights}
     wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse) for m, w in weights.items()}
     calib = dict(calibration or {})
     calib.update(table=dict(groups_requested=cfg.groups, range=asdict(cfg.range), weight_bits=cfg.weight_bits,
-                            weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit))
+                            weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit,
+                            zero_point=cfg.zero_point))
     return QuantTable(sites=stats.sites, group_of_t=group_of_t(stats.timesteps, group, num_train_timesteps),
                       range_lo=lo, range_hi=hi, scale=scale, zero_point=zp, act_bits=cfg.range.bits,
                       method=cfg.range.method, weight_scale=wscale, weight_bits=wbits, calibration=calib,

@@ -41,6 +41,25 @@ def affine_params(lo: np.ndarray, hi: np.ndarray, bits: int = 8) -> tuple[np.nda
     return scale.astype(np.float32), zp.astype(np.int64)
 
 
+def shared_zero_point_params(lo: np.ndarray, hi: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group scales `[K, S]` with ONE zero point per site (`[S]`, broadcast to `[K, S]`).
+
+    The zero point comes from the union of the groups' ranges; each group then takes the smallest
+    scale whose grid [−zp·s, (qmax − zp)·s] still covers its own range. Integer kernels keep their
+    fast path with a constant zero point; the price is resolution when a group's range is lopsided
+    differently from the union's."""
+    qmax = 2 ** bits - 1
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    _, zp = affine_params(lo.min(axis=0), hi.max(axis=0), bits)
+    zp = np.broadcast_to(zp, lo.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(zp < qmax, hi / (qmax - zp), 0.0)
+        down = np.where(zp > 0, -lo / zp, 0.0)
+    scale = np.maximum(np.maximum(up, down), 1e-12)
+    return scale.astype(np.float32), zp.astype(np.int64).copy()
+
+
 def quant_mse(values: np.ndarray, counts: np.ndarray, lo, hi, bits: int = 8) -> np.ndarray:
     """Expected squared error of the affine quantizer(s) [lo, hi] (scalars or `[M]`) on a histogram."""
     lo = np.atleast_1d(np.asarray(lo, dtype=np.float64))[:, None]

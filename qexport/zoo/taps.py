@@ -4,7 +4,8 @@ simulation and export.
 A site is a string naming one quantized activation tensor:
   - `<module>`                  the input of a Conv2d / Linear (e.g. `down_blocks.0.resnets.0.conv1`);
   - `<module>.part<k>`          part k of a skip concatenation that feeds a Conv2d (split quantization);
-  - `<module>.out`              the output of a Conv2d / Linear (integer kernels produce integer outputs);
+  - `<module>.out`              the output of a Conv2d / Linear *before its bias* (integer kernels
+                                produce integer outputs; the float bias is added after dequantizing);
   - `<attn>.qk.a` / `<attn>.qk.b`  the operands of Q·Kᵀ (query already multiplied by the softmax scale);
   - `<attn>.pv.a` / `<attn>.pv.b`  the operands of softmax(·)·V;
   - `<attn>.qk.out` / `<attn>.pv.out`  the products.
@@ -16,6 +17,7 @@ observer records statistics, a fake-quantizer rounds, the exporter marks the ONN
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -128,8 +130,15 @@ def install_taps(unet: nn.Module, fn: TapFn | None) -> list:
                 return (x, *args[1:])
 
             handles.append(mod.register_forward_pre_hook(hook))
-            handles.append(mod.register_forward_hook(lambda m, args, out, name=name: fn(f"{name}.out", out)))
+            handles.append(mod.register_forward_hook(partial(_out_hook, fn=fn, site=f"{name}.out")))
     return handles
+
+
+def _out_hook(mod, args, out, fn, site):
+    if mod.bias is None:
+        return fn(site, out)
+    b = mod.bias.view(-1, 1, 1) if out.ndim == 4 and isinstance(mod, nn.Conv2d) else mod.bias
+    return fn(site, out - b) + b
 
 
 def remove_taps(handles: list) -> None:

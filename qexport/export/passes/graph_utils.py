@@ -49,3 +49,12 @@ def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
 def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
     graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
     return name
+
+
+def prune_initializers(graph: onnx.GraphProto) -> int:
+    """Drop initializers no node uses; returns how many."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [t for t in graph.initializer if t.name not in used]
+    for t in dead:
+        graph.initializer.remove(t)
+    return len(dead)

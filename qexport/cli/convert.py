@@ -1,0 +1,50 @@
+"""`qexport convert MODEL_ID --bits 8 -o DIR`: the main job — calibrate, quantize, export the artifact."""
+
+from __future__ import annotations
+
+import argparse
+
+from .base import Command
+from .calibrate import add_calibration_arguments, calibration_config
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_id", metavar="MODEL_ID", help="shipped model name, local folder or Hub id")
+    p.add_argument("-o", "--output", help="artifact folder (default: ./<model name>-w<bits>a8)")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=8, help="weight bits (activations are 8-bit)")
+    p.add_argument("--tables", help="reuse tables written by `qexport calibrate` instead of calibrating")
+    p.add_argument("--static-groups", action="store_true",
+                   help="also write one constant-scale QDQ graph per time-step group (for NPU providers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_calibration_arguments(p)
+    for a in p._actions:  # --method gains the ORT-static baseline here
+        if a.dest == "method":
+            a.choices = ["minmax", "percentile", "mse", "static"]
+            a.help = "activation range method, or 'static': the quantize_static baseline (K=1, min/max)"
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..export.pipeline import convert
+    from qexport_runtime.artifact import load_artifact
+
+    method = args.method or "mse"
+    cfg = calibration_config(args, method="minmax") if method == "static" else calibration_config(args)
+    out = Path(args.output or f"{Path(args.model_id).name}-w{args.bits}a8")
+    convert(args.model_id, out, bits=args.bits, groups=args.groups, method=method, calibration=cfg,
+            tables=args.tables, static_groups=args.static_groups, overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle)
+    art = load_artifact(out)
+    m = art.manifest
+    fp32 = next(e.bytes for e in m.files.values() if e.role == "fp32")
+    print(f"\nwrote {out}: W{m.bits['weights']}A{m.bits['activations']}, {m.groups} time-step groups, method {m.method}")
+    for name, e in m.files.items():
+        ratio = f"{e.bytes / fp32:5.2f}x fp32" if e.role in ("qdq", "int", "static-group") else ""
+        print(f"  {name:<28} {e.role:<13} {e.bytes:>11,} B  {ratio}")
+    print(json.dumps({"artifact": str(out), "groups": m.groups, "bits": m.bits}))
+    return 0
+
+
+COMMAND = Command("convert", "calibrate, quantize and export an integer ONNX artifact (the main job)", _add, _run)

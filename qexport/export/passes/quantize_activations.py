@@ -1,0 +1,66 @@
+"""QuantizeActivations: every tap becomes QuantizeLinear → DequantizeLinear with its site's
+parameters (looked up by time step or constant, see params.py); taps without a table entry, and
+taps whose output is a graph output (the model's own result stays float), are removed.
+
+A tap consumed only by Transpose nodes (Kᵀ in attention) is quantized *before* the transpose, so
+the dequantize feeds the MatMul directly: Q → Transpose → DQ → MatMul.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from .graph_utils import bypass, consumers
+from .params import _Params
+from .strip_taps import drop_custom_opset, is_tap, tap_site
+
+
+class QuantizeActivations:
+    def __init__(self, params: _Params):
+        self.params = params
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        sites = {tap_site(n) for n in model.graph.node if is_tap(n)}
+        missing = sorted(s for s in sites if not self.params.has(s) and not s.endswith(".out"))
+        if missing:
+            raise ValueError(f"{len(missing)} sites of the graph have no table entry (e.g. {missing[:3]}); "
+                             f"the tables were calibrated on another model — recalibrate")
+
+    def __call__(self, model: onnx.ModelProto) -> bool:
+        self.requires(model)
+        g = model.graph
+        outputs = {o.name for o in g.output}
+        cons = consumers(g)
+        changed = False
+        for tap in [n for n in g.node if is_tap(n)]:
+            site = tap_site(tap)
+            if not self.params.has(site) or tap.output[0] in outputs:
+                bypass(g, tap)
+                continue
+            s, z = self.params.scale(site), self.params.zero_point(site)
+            x, y = tap.input[0], tap.output[0]
+            q = f"{y}/q"
+            idx = list(g.node).index(tap)
+            g.node.remove(tap)
+            users = cons[y]
+            if users and all(u.op_type == "Transpose" for u in users):
+                new = [helper.make_node("QuantizeLinear", [x, s, z], [q], name=f"{site}/Q")]
+                for k, tr in enumerate(users):
+                    tq = f"{tr.output[0]}/q"
+                    new.append(helper.make_node("Transpose", [q], [tq], name=f"{site}/T{k}", perm=_perm(tr)))
+                    new.append(helper.make_node("DequantizeLinear", [tq, s, z], [tr.output[0]], name=f"{site}/DQ{k}"))
+                    g.node.remove(tr)
+            else:
+                new = [helper.make_node("QuantizeLinear", [x, s, z], [q], name=f"{site}/Q"),
+                       helper.make_node("DequantizeLinear", [q, s, z], [y], name=f"{site}/DQ")]
+            for k, n in enumerate(new):
+                g.node.insert(idx + k, n)
+            changed = True
+        self.params.finish()
+        drop_custom_opset(model)
+        return changed
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return list(next(a.ints for a in node.attribute if a.name == "perm"))
