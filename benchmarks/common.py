@@ -1,0 +1,155 @@
+"""Shared pieces of the benchmark scripts: interleaved timing, fresh-process peak memory, machine info,
+the GEMM peak microbenchmark, and the ddpm-cifar10-config U-Net built from its config (random weights)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CIFAR10_CONFIG = dict(  # google/ddpm-cifar10-32's UNet2DModel config (35.7M parameters)
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=32, attention_head_dim=None, dropout=0.0,
+)
+CIFAR10_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                         prediction_type="epsilon", clip_sample=True, variance_type="fixed_large")
+
+
+def build_cifar_config_unet(folder: Path, seed: int = 0) -> Path:
+    """A diffusers pipeline folder holding a random-weight U-Net with ddpm-cifar10-32's config."""
+    if (folder / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        return folder
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    DDPMPipeline(unet=UNet2DModel(**CIFAR10_CONFIG), scheduler=DDPMScheduler(**CIFAR10_SCHEDULER)).save_pretrained(
+        folder, safe_serialization=True)
+    return folder
+
+
+def machine_info() -> dict:
+    import onnxruntime as ort
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return dict(cpu=cpu, arch=platform.machine(), cores=os.cpu_count(), onnxruntime=ort.__version__,
+                provider="CPUExecutionProvider", python=platform.python_version())
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Call every fn in turn, `reps` rounds; returns seconds per call per name."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    out = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
+_RSS_CODE = r"""
+import json, sys, numpy as np
+sys.path[:0] = {paths!r}
+from qexport_runtime.session import UNetSession
+def hwm():  # VmHWM: this process's high-water mark (reset by exec, unlike ru_maxrss)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+base = hwm()
+s = UNetSession({path!r}, threads={threads})
+x = np.random.default_rng(0).standard_normal({shape!r}).astype(np.float32)
+for _ in range(3):
+    s(x, 500)
+peak = hwm()
+print(json.dumps(dict(peak_rss_mb=peak, baseline_mb=base, delta_mb=peak - base)))
+"""
+
+
+def peak_rss(path: str, shape: tuple, threads: int) -> dict:
+    """High-water mark of a fresh process that loads the graph and runs it 3 times."""
+    code = _RSS_CODE.format(paths=sys.path, path=str(path), threads=threads, shape=tuple(shape))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gemm_peak(threads: int, n: int = 1024, reps: int = 10) -> dict:
+    """Achieved GOP/s of one large int8 (QLinearMatMul u8×s8) and fp32 MatMul through onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qexport_runtime.session import session_options
+
+    rng = np.random.default_rng(0)
+    w8 = numpy_helper.from_array(rng.integers(-127, 128, (n, n)).astype(np.int8), "w")
+    wf = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")
+    c = lambda name, v, dt: numpy_helper.from_array(np.array(v, dtype=dt), name)  # noqa: E731
+    int_graph = helper.make_graph(
+        [helper.make_node("QLinearMatMul", ["a", "as", "az", "w", "ws", "wz", "ys", "yz"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [n, n])],
+        [w8, c("as", 0.01, np.float32), c("az", 128, np.uint8), c("ws", 0.01, np.float32), c("wz", 0, np.int8),
+         c("ys", 1.0, np.float32), c("yz", 128, np.uint8)])
+    fp_graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "g",
+                                 [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [wf])
+    res = {}
+    for name, graph, x in (("int8", int_graph, rng.integers(0, 255, (n, n)).astype(np.uint8)),
+                           ("fp32", fp_graph, rng.standard_normal((n, n)).astype(np.float32))):
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        s = ort.InferenceSession(m.SerializeToString(), session_options(threads))
+        t = interleaved({name: lambda: s.run(None, {"a": x})}, reps)[name]
+        res[f"{name}_gops"] = 2 * n ** 3 / np.median(t) / 1e9
+    return res
+
+
+def unet_ops(unet, sample_shape: tuple) -> float:
+    """Operations (2 × multiply-accumulates) of Conv2d, Linear and attention matmuls for one sample."""
+    import torch
+
+    from qexport.zoo.taps import install_taps, remove_taps
+
+    macs = [0]
+
+    def conv_hook(m, args, out):
+        w = m.weight
+        macs[0] += out.numel() * (w.numel() // w.shape[0])
+
+    hooks = [m.register_forward_hook(conv_hook) for m in unet.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    seen = {}
+
+    def tap(site, x):
+        if site.endswith((".qk.a", ".qk.b", ".pv.a", ".pv.b")):
+            seen[site] = x.shape
+            if site.endswith(".qk.b"):
+                a = seen[site[:-1] + "a"]
+                macs[0] += a[0] * a[1] * a[2] * x.shape[1]
+            if site.endswith(".pv.b"):
+                a = seen[site[:-1] + "a"]
+                macs[0] += a[0] * a[1] * a[2] * x.shape[2]
+        return x
+
+    handles = install_taps(unet, tap)
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(1, *sample_shape), torch.tensor([500]))
+    finally:
+        remove_taps(handles)
+        for h in hooks:
+            h.remove()
+    return 2.0 * macs[0]
