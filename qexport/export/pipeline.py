@@ -142,8 +142,10 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
         if groups is not None:
             tcfg = dataclasses.replace(tcfg, groups=groups)
         cfg = dataclasses.replace(cfg, table=tcfg)
+    model = load_model(model_id, allow_pickle=allow_pickle)  # bad input fails before any progress output
+    if Path(out).exists() and not overwrite:
+        raise QexportError(f"output folder {out} already exists; pass --overwrite or choose another -o")
     stages = tqdm(total=5 + (1 if static_groups else 0), desc="convert", disable=not progress)
-    model = load_model(model_id, allow_pickle=allow_pickle)
     stages.update(1)
     if tables is not None:
         table = QuantTable.load(tables)

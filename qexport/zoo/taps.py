@@ -76,15 +76,21 @@ class TapAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def concat_splits(unet: nn.Module) -> dict[str, list[int]]:
-    """Channel sizes of the skip concatenations feeding each up-path ResNet's 1x1 shortcut conv:
-    `{"up_blocks.0.resnets.0.conv_shortcut": [c_hidden, c_skip], ...}`. Found with one dry forward
-    (diffusers concatenates `[hidden_states, res_hidden_states]` inside the up block)."""
+def probe_structure(unet: nn.Module) -> tuple[dict[str, list[int]], set[str]]:
+    """One dry forward that finds (1) the channel sizes of the skip concatenations feeding each
+    up-path ResNet's 1x1 shortcut conv, `{"up_blocks.0.resnets.0.conv_shortcut": [c_hidden, c_skip]}`
+    (diffusers concatenates `[hidden_states, res_hidden_states]` inside the up block), and (2) the
+    Conv/Linear modules whose output *is* the model's output (their `.out` is not a site: the
+    model's result stays float)."""
     splits: dict[str, list[int]] = {}
-    if not hasattr(unet, "up_blocks") or not hasattr(unet, "config"):
-        return splits
+    outputs: dict[int, str] = {}
+    if not hasattr(unet, "config"):
+        return splits, set()
     handles = []
     for bname, block in unet.named_modules():
+        if isinstance(block, (nn.Conv2d, nn.Linear)):
+            handles.append(block.register_forward_hook(
+                lambda m, a, out, name=bname: outputs.__setitem__(id(out), name)))
         if not bname.startswith("up_blocks.") or bname.count(".") != 1 or not hasattr(block, "resnets"):
             continue
 
@@ -100,18 +106,19 @@ def concat_splits(unet: nn.Module) -> dict[str, list[int]]:
         c = unet.config
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         with torch.no_grad():
-            unet(torch.zeros(1, c.in_channels, size, size), torch.tensor([0]))
+            result = unet(torch.zeros(1, c.in_channels, size, size), torch.tensor([0]))
     finally:
         for h in handles:
             h.remove()
-    return splits
+    final = getattr(result, "sample", result)
+    return splits, {outputs[id(final)]} if id(final) in outputs else set()
 
 
 def install_taps(unet: nn.Module, fn: TapFn | None) -> list:
     """Route every site of `unet` through `fn` (see the module docstring). Returns hook handles."""
     from diffusers.models.attention_processor import Attention
 
-    splits = concat_splits(unet)
+    splits, final = probe_structure(unet)
     handles = []
     for name, mod in unet.named_modules():
         if isinstance(mod, Attention):
@@ -130,7 +137,8 @@ def install_taps(unet: nn.Module, fn: TapFn | None) -> list:
                 return (x, *args[1:])
 
             handles.append(mod.register_forward_pre_hook(hook))
-            handles.append(mod.register_forward_hook(partial(_out_hook, fn=fn, site=f"{name}.out")))
+            if name not in final:
+                handles.append(mod.register_forward_hook(partial(_out_hook, fn=fn, site=f"{name}.out")))
     return handles
 
 

@@ -2,7 +2,7 @@
 
 The TorchScript exporter names tensors after module paths (`/unet/down_blocks.1/…/Conv_output_0`);
 on a small U-Net those names and the stored shape annotations weigh as much as its int8 weights.
-Graph inputs, outputs and initializers keep their names.
+Graph inputs, outputs, initializers and the time-step lookup tensors (`qx/…`) keep their names.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class CompactNames:
         mapping: dict[str, str] = {}
         for n in g.node:
             for o in n.output:
-                if o and o not in keep and o not in mapping:
+                if o and o not in keep and o not in mapping and not o.startswith("qx/"):
                     mapping[o] = f"v{len(mapping)}"
         for k, n in enumerate(g.node):
             n.name = f"n{k}"

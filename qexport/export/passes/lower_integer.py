@@ -52,8 +52,8 @@ class LowerToInteger:
             cast = f"{b_q}_int8"
             new_nodes.append(helper.make_node("Cast", [b_q], [cast], name=f"{node.name}/cast_w", to=TensorProto.INT8))
             b_q = cast
-            zp = np.zeros(numpy_helper.to_array(inits[b_s]).shape, np.int8)
-            b_z = _add_int8(g, f"{b_s}_zp8", zp)
+        if b_z in inits and inits[b_z].data_type == TensorProto.INT4:  # zero points are all 0
+            b_z = _add_int8(g, f"{b_s}_zp8", np.zeros(numpy_helper.to_array(inits[b_s]).shape, np.int8))
         a_q, a_s, a_z = dq_a.input[0], dq_a.input[1], dq_a.input[2]
         y_s, y_z = q_y.input[1], q_y.input[2]
         op = "QLinearConv" if node.op_type == "Conv" else "QLinearMatMul"
