@@ -1,6 +1,7 @@
 """`python -m qexport_runtime`: the device-side command line (numpy + onnxruntime only).
 
     python -m qexport_runtime sample ARTIFACT --steps 50 --batch 16 -o out/
+    python -m qexport_runtime bench ARTIFACT [ARTIFACT ...] --steps 20 --batch 1 --threads 4 --json bench.json
 """
 
 from __future__ import annotations
@@ -37,6 +38,31 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench, table
+
+    roles = args.graphs.split(",") if args.graphs else None
+    report = bench(args.artifacts, roles=roles, steps=args.steps, batch=args.batch, threads=args.threads,
+                   scheduler=args.scheduler, memory=not args.no_memory)
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_bench_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    b.add_argument("--graphs", help="comma-separated roles to run (default: int or qdq, and fp32)")
+    b.add_argument("--json", help="write the report here")
+    b.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    b.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qexport_runtime", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG grid")
     s.set_defaults(func=_sample)
+    add_bench_arguments(sub.add_parser("bench", help="latency, memory and size of an artifact's graphs"))
     return p
 
 

@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import QexportError
 
 # The fixed list of subcommands, in the order the data flows.
-SUBCOMMANDS = ("models", "calibrate", "inspect", "convert")
+SUBCOMMANDS = ("models", "calibrate", "inspect", "convert", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

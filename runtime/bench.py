@@ -1,0 +1,125 @@
+"""The device-side benchmark: sampling-loop latency, load time, peak memory and size per graph.
+
+For every artifact and graph role asked for (default: the artifact's integer graph and its FP32
+reference), sessions are created in this process and the sampling loop is run with all graphs
+*interleaved step by step* (so a noisy machine slows them alike); after a warm-up, per-step
+latency (median, p90), per-image latency and the Python loop overhead are recorded. Peak resident
+memory is the high-water mark (VmHWM) of a fresh process per graph that loads it and runs the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import load_artifact
+from .sampler import initial_noise
+from .schedulers import make_scheduler
+from .session import UNetSession
+
+
+def machine_info() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return dict(cpu=cpu, arch=platform.machine(), cores=os.cpu_count(), onnxruntime=ort.__version__,
+                providers=ort.get_available_providers(), python=platform.python_version())
+
+
+def vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def fresh_process_peak(graph: Path, shape: tuple, steps: int, threads: int | None) -> float:
+    code = ("import sys, json; from qexport_runtime.bench import _peak_child; "
+            f"print(json.dumps(_peak_child({str(graph)!r}, {tuple(shape)!r}, {steps}, {threads!r})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> float:
+    s = UNetSession(graph, threads=threads)
+    x = initial_noise(shape, 0)
+    for t in np.linspace(999, 0, steps).astype(int):
+        s(x, int(t))
+    return vm_hwm_mb()
+
+
+def bench(artifacts: list[str], roles: list[str] | None = None, steps: int = 20, batch: int = 1,
+          threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True) -> dict:
+    entries = []
+    for a in artifacts:
+        art = load_artifact(a)
+        want = roles or [next(r for r in ("int", "qdq") if art.manifest.files_with_role(r)), "fp32"]
+        for role in want:
+            path = art.graph(role)
+            entries.append(dict(name=f"{Path(a).name}:{role}", file=str(path), role=role, art=art,
+                                session=UNetSession(path, threads=threads)))
+    m = entries[0]["art"].manifest
+    shape = (batch, *m.sample_shape)
+    sched = make_scheduler(scheduler, m.scheduler)
+    sched.set_timesteps(steps)
+    xs = {e["name"]: initial_noise(shape, 0) for e in entries}
+    for e in entries:
+        for _ in range(warmup):
+            e["session"](xs[e["name"]], int(sched.timesteps[0]))
+    per = {e["name"]: [] for e in entries}
+    loop = {e["name"]: 0.0 for e in entries}
+    scheds = {e["name"]: make_scheduler(scheduler, e["art"].manifest.scheduler) for e in entries}
+    for s in scheds.values():
+        s.set_timesteps(steps)
+    for t in sched.timesteps:
+        for e in entries:
+            n = e["name"]
+            t0 = time.perf_counter()
+            eps = e["session"](xs[n], int(t))
+            t1 = time.perf_counter()
+            xs[n] = scheds[n].step(eps, int(t), xs[n]).prev_sample
+            per[n].append(t1 - t0)
+            loop[n] += time.perf_counter() - t0
+    fp32_med = next((np.median(per[e["name"]]) for e in entries if e["role"] == "fp32"), None)
+    results = []
+    for e in entries:
+        n = e["name"]
+        med = float(np.median(per[n]))
+        results.append(dict(
+            name=n, file=e["file"], role=e["role"], step_ms_median=med * 1e3,
+            step_ms_p90=float(np.percentile(per[n], 90)) * 1e3, image_ms=loop[n] / batch * 1e3,
+            load_ms=e["session"].load_ms,
+            peak_rss_mb=fresh_process_peak(Path(e["file"]), shape, min(steps, 5), threads) if memory else None,
+            bytes=Path(e["file"]).stat().st_size,
+            loop_overhead_pct=100 * (1 - sum(per[n]) / loop[n]),
+            speedup_vs_fp32=float(fp32_med / med) if fp32_med else None))
+    return dict(machine=machine_info(), settings=dict(steps=steps, batch=batch, threads=threads, warmup=warmup,
+                                                      scheduler=scheduler, interleaved=True), results=results)
+
+
+def table(report: dict) -> str:
+    mi, st = report["machine"], report["settings"]
+    lines = [f"{mi['cpu']} ({mi['arch']}, {mi['cores']} cores), onnxruntime {mi['onnxruntime']}; "
+             f"{st['steps']} {st['scheduler']} steps, batch {st['batch']}, threads {st['threads']}",
+             f"{'graph':<34} {'step ms':>8} {'p90':>8} {'ms/img':>9} {'load ms':>8} {'peak MB':>8} {'MB file':>8} "
+             f"{'loop %':>6} {'x fp32':>7}"]
+    for r in report["results"]:
+        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
+        sp = f"{r['speedup_vs_fp32']:.2f}" if r["speedup_vs_fp32"] else "-"
+        lines.append(f"{r['name']:<34} {r['step_ms_median']:>8.2f} {r['step_ms_p90']:>8.2f} {r['image_ms']:>9.1f} "
+                     f"{r['load_ms']:>8.0f} {rss:>8} {r['bytes'] / 1e6:>8.2f} {r['loop_overhead_pct']:>6.1f} {sp:>7}")
+    return "\n".join(lines)
