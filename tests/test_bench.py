@@ -1,0 +1,41 @@
+"""`qexport bench` / `python -m qexport_runtime bench`: the table and the JSON report's fields.
+(Timings are never asserted: the machine is shared and noisy; see benchmarks/.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+FIELDS = {"name", "file", "role", "step_ms_median", "step_ms_p90", "image_ms", "load_ms", "peak_rss_mb", "bytes",
+          "speedup_vs_fp32"}
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tiny_pipeline_dir, tmp_path_factory):
+    pytest.importorskip("torch", reason="building the artifact needs the toolchain extra")
+    from qexport.calibrate.api import CalibrationConfig
+    from qexport.calibrate.sources import SourceConfig
+    from qexport.export.pipeline import convert
+
+    return convert(str(tiny_pipeline_dir), tmp_path_factory.mktemp("b") / "art",
+                   calibration=CalibrationConfig(source=SourceConfig(steps=10, samples=40, trajectories=4)),
+                   progress=False)
+
+
+@pytest.mark.parametrize("entry", [["-m", "qexport.cli.main", "bench"], ["-m", "qexport_runtime", "bench"]])
+def test_bench_writes_table_and_json(small_artifact, tmp_path, entry):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, *entry, str(small_artifact), "--steps", "4", "--batch", "2", "--threads", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step ms" in r.stdout and "x fp32" in r.stdout
+    report = json.loads(out.read_text())
+    assert {"cpu", "arch", "cores", "onnxruntime"} <= set(report["machine"])
+    roles = [row["role"] for row in report["results"]]
+    assert roles == ["int", "fp32"]
+    for row in report["results"]:
+        assert FIELDS <= set(row)
+        assert row["step_ms_median"] > 0 and row["peak_rss_mb"] > 10 and row["bytes"] > 0
+    fp32 = next(row for row in report["results"] if row["role"] == "fp32")
+    assert fp32["speedup_vs_fp32"] == pytest.approx(1.0)
