@@ -10,11 +10,12 @@ Weights are read from safetensors only, unless the caller explicitly allows pick
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qexport_runtime.artifact import sha256_file
 
 from ..errors import QexportError
 from .registry import get_shipped
@@ -83,14 +84,6 @@ def load_model(model_id: str, *, allow_pickle: bool = False, cache_dir: str | No
         raise QexportError(f"{sched_file} has no num_train_timesteps; it must be a diffusers scheduler config")
     return LoadedModel(unet=unet, scheduler_config=scheduler_config, model_id=model_id, kind=kind,
                        folder=folder, weights_sha256=sha256_file(weights))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _looks_like_path(model_id: str) -> bool:
