@@ -30,7 +30,12 @@ def module_of(node: onnx.NodeProto, prod: dict) -> str | None:
 
 
 def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
-    return helper.make_tensor(name, TensorProto.INT4, q.shape, q.astype(np.int8).ravel().tolist())
+    """An INT4 initializer stored as raw bytes, two values per byte (first value in the low nibble)."""
+    v = q.astype(np.int8).ravel()
+    if len(v) % 2:
+        v = np.concatenate([v, np.zeros(1, np.int8)])
+    packed = ((v[0::2] & 0x0F) | ((v[1::2] & 0x0F) << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, q.shape, packed.tobytes(), raw=True)
 
 
 class QuantizeWeights:
