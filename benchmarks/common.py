@@ -1,17 +1,17 @@
-"""Shared pieces of the benchmark scripts: interleaved timing, fresh-process peak memory, machine info,
+"""Shared pieces of the benchmark scripts: interleaved timing, fresh-process peak memory,
 the GEMM peak microbenchmark, and the ddpm-cifar10-config U-Net built from its config (random weights)."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from qexport_runtime.bench import machine_info  # noqa: F401  (re-exported for the scripts)
 
 CIFAR10_CONFIG = dict(  # google/ddpm-cifar10-32's UNet2DModel config (35.7M parameters)
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -35,18 +35,6 @@ def build_cifar_config_unet(folder: Path, seed: int = 0) -> Path:
     DDPMPipeline(unet=UNet2DModel(**CIFAR10_CONFIG), scheduler=DDPMScheduler(**CIFAR10_SCHEDULER)).save_pretrained(
         folder, safe_serialization=True)
     return folder
-
-
-def machine_info() -> dict:
-    import onnxruntime as ort
-
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return dict(cpu=cpu, arch=platform.machine(), cores=os.cpu_count(), onnxruntime=ort.__version__,
-                provider="CPUExecutionProvider", python=platform.python_version())
 
 
 def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
