@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..tables.schema import QuantTable
-from ..tables.weights import quantize_weight
 from ..zoo.taps import install_taps, remove_taps
 
 
@@ -55,7 +54,7 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
             if isinstance(m, (nn.Conv2d, nn.Linear)) and name in table.weight_scale:
                 w = m.weight.detach().numpy()
                 s = table.weight_scale[name]
-                q = quantize_weight(w, s, table.weight_bits[name]).astype(np.float32)
+                q = table.int_weight(name, w).astype(np.float32)
                 saved[name] = m.weight.data.clone()
                 m.weight.data = torch.from_numpy(q * s.reshape(-1, *([1] * (w.ndim - 1))))
     handles = install_taps(unet, sim if activations else None)

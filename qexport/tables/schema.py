@@ -4,6 +4,8 @@ files (`tables.safetensors` for arrays + `tables.json` index).
 Activation parameters are indexed by the raw training time step t: `g = group_of_t[t]`, then
 `scale[g, i]` / `zero_point[g, i]` for site `sites[i]` (uint8 affine). Weight scales are per output
 channel, keyed by module name (`weight_scale[module]`, symmetric, `weight_bits[module]` ∈ {4, 8}).
+Integer weights are round-to-nearest of `w / scale` unless `weight_int[module]` holds learned
+rounding (integers in the module's own layout, output channels first), which then wins.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class QuantTable:
     timesteps: np.ndarray | None = None   # [n] calibrated time steps (ascending)
     t_min: np.ndarray | None = None       # [S, n] observed minimum per calibrated time step
     t_max: np.ndarray | None = None       # [S, n]
+    weight_int: dict = field(default_factory=dict)   # module -> int8 array (learned rounding), optional
 
     def __post_init__(self):
         K, S = self.scale.shape
@@ -46,6 +49,18 @@ class QuantTable:
             raise ValueError("table arrays disagree on [groups, sites]")
         if self.group_of_t.min() < 0 or self.group_of_t.max() >= K:
             raise ValueError("group_of_t points outside [0, groups)")
+
+    def int_weight(self, module: str, w: np.ndarray) -> np.ndarray:
+        """Integer weights of `module` (layout of `w`, output channels first): learned rounding when
+        the table holds it, else round-to-nearest of `w / scale`."""
+        from .weights import quantize_weight
+
+        learned = self.weight_int.get(module)
+        if learned is not None:
+            if learned.shape != w.shape:
+                raise ValueError(f"{module}: learned integer weights {learned.shape} do not match weight {w.shape}")
+            return learned.astype(np.int8)
+        return quantize_weight(w, self.weight_scale[module], int(self.weight_bits[module]))
 
     @property
     def groups(self) -> int:
@@ -70,6 +85,7 @@ class QuantTable:
         if self.timesteps is not None:
             a.update(timesteps=self.timesteps, t_min=self.t_min, t_max=self.t_max)
         a.update({f"weight_scale/{k}": v for k, v in self.weight_scale.items()})
+        a.update({f"weight_int/{k}": v.astype(np.int8) for k, v in self.weight_int.items()})
         return {k: np.ascontiguousarray(v) for k, v in a.items()}
 
     def digest(self) -> str:
@@ -105,11 +121,12 @@ class QuantTable:
                                f"recalibrate with this qexport version")
         arr = load_file(str(folder / TABLES_ARRAYS))
         ws = {k.split("/", 1)[1]: v for k, v in arr.items() if k.startswith("weight_scale/")}
+        wi = {k.split("/", 1)[1]: v for k, v in arr.items() if k.startswith("weight_int/")}
         table = cls(sites=tuple(index["sites"]), group_of_t=arr["group_of_t"], range_lo=arr["range_lo"],
                     range_hi=arr["range_hi"], scale=arr["scale"], zero_point=arr["zero_point"],
                     act_bits=index["act_bits"], method=index["method"], weight_scale=ws,
                     weight_bits=index["weight_bits"], calibration=index["calibration"],
-                    timesteps=arr.get("timesteps"), t_min=arr.get("t_min"), t_max=arr.get("t_max"))
+                    timesteps=arr.get("timesteps"), t_min=arr.get("t_min"), t_max=arr.get("t_max"), weight_int=wi)
         if table.digest() != index["sha256"]:
             raise QexportError(f"{folder}: arrays do not match the sha256 in {TABLES_JSON}; recalibrate")
         return table

@@ -14,7 +14,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...tables.schema import QuantTable
-from ...tables.weights import quantize_weight
 from .graph_utils import add_initializer, initializer_map, producers
 
 
@@ -62,7 +61,7 @@ class QuantizeWeights:
                                  f"the table {scale.shape[0]}; tables and graph come from different models")
             bits = int(self.table.weight_bits[module])
             wt = np.moveaxis(w, axis, 0)
-            q = np.moveaxis(quantize_weight(wt, scale, bits), 0, axis)
+            q = np.moveaxis(self.table.int_weight(module, wt), 0, axis)
             base = f"{module}/weight"
             g.initializer.append(int4_tensor(f"{base}_q", q) if bits == 4 else numpy_helper.from_array(q, f"{base}_q"))
             add_initializer(g, f"{base}_scale", scale.astype(np.float32))
