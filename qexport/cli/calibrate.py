@@ -21,6 +21,10 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--method", choices=["minmax", "percentile", "mse"], help="activation range method")
     g.add_argument("--groups", type=int, help="time-step groups K (1 = one static range)")
+    g.add_argument("--zero-point", choices=["shared", "per-group"],
+                   help="one zero point per tensor (integer kernels' fast path) or one per time-step group")
+    g.add_argument("--no-split", action="store_true",
+                   help="quantize skip concatenations as one tensor (default: each part with its own range)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
 
 
@@ -35,6 +39,10 @@ def calibration_config(args: argparse.Namespace, **forced):
             src[k] = getattr(args, k)
     if getattr(args, "groups", None) is not None:
         table["groups"] = args.groups
+    if getattr(args, "zero_point", None) is not None:
+        table["zero_point"] = args.zero_point
+    if getattr(args, "no_split", False):
+        table["split_concat"] = False
     if getattr(args, "method", None) is not None:
         rng["method"] = args.method
     for k, v in forced.items():

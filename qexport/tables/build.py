@@ -26,6 +26,7 @@ class TableConfig:
     weight_mse: bool = True
     first_last_8bit: bool = True     # keep conv_in / conv_out weights at 8 bits when weight_bits=4
     zero_point: str = "shared"       # "shared": one zero point per site (fast integer kernels); "per-group"
+    split_concat: bool = True        # quantize each part of a skip concatenation with its own range
 
     def __post_init__(self):
         if self.groups < 1:
@@ -62,6 +63,8 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
         for s in range(S):
             lo[g, s], hi[g, s] = range_from_hist(merged[s], stats.bin_centers(s), stats.min[s, members].min(),
                                                  stats.max[s, members].max(), cfg.range)
+    if not cfg.split_concat:
+        lo, hi = union_concat_parts(stats.sites, lo, hi)
     if cfg.zero_point == "shared":
         scale, zp = shared_zero_point_params(lo, hi, cfg.range.bits)
     else:
@@ -71,12 +74,26 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
     calib = dict(calibration or {})
     calib.update(table=dict(groups_requested=cfg.groups, range=asdict(cfg.range), weight_bits=cfg.weight_bits,
                             weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit,
-                            zero_point=cfg.zero_point))
+                            zero_point=cfg.zero_point, split_concat=cfg.split_concat))
     return QuantTable(sites=stats.sites, group_of_t=group_of_t(stats.timesteps, group, num_train_timesteps),
                       range_lo=lo, range_hi=hi, scale=scale, zero_point=zp, act_bits=cfg.range.bits,
                       method=cfg.range.method, weight_scale=wscale, weight_bits=wbits, calibration=calib,
                       timesteps=stats.timesteps, t_min=stats.min.astype(np.float32),
                       t_max=stats.max.astype(np.float32))
+
+
+def union_concat_parts(sites, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Give every `<module>.part<k>` site the union of its module's part ranges: one range for the
+    whole concatenation, as a quantizer without split quantization has."""
+    lo, hi = lo.copy(), hi.copy()
+    modules: dict[str, list[int]] = {}
+    for i, s in enumerate(sites):
+        if ".part" in s:
+            modules.setdefault(s.rsplit(".part", 1)[0], []).append(i)
+    for idx in modules.values():
+        lo[:, idx] = lo[:, idx].min(axis=1, keepdims=True)
+        hi[:, idx] = hi[:, idx].max(axis=1, keepdims=True)
+    return lo, hi
 
 
 def range_variation(sites, timesteps: np.ndarray, t_min: np.ndarray, t_max: np.ndarray) -> list[dict]:

@@ -44,8 +44,10 @@ class DDIMScheduler:
         self.timesteps = spaced_timesteps(self.config, num_inference_steps)
 
     def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray,
-             noise: np.ndarray | None = None, rng: np.random.Generator | None = None) -> StepOutput:
-        """One reverse step x_t → x_{t-1}. With η > 0 the added noise is `noise` (or drawn from `rng`)."""
+             noise: np.ndarray | None = None, rng: np.random.Generator | None = None,
+             model_output_variance: float = 0.0) -> StepOutput:
+        """One reverse step x_t → x_{t-1}. With η > 0 the added noise is `noise` (or drawn from `rng`),
+        its variance lowered by what a known ε error of variance `model_output_variance` already adds."""
         if self.num_inference_steps is None:
             raise RuntimeError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
                                "creating the scheduler")
@@ -71,5 +73,8 @@ class DDIMScheduler:
         if cfg.eta > 0:
             if noise is None:
                 noise = (rng or np.random.default_rng()).standard_normal(sample.shape).astype(np.float32)
+            if model_output_variance > 0 and cfg.prediction_type == "epsilon":
+                c = (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 - (alpha_prod_t_prev / alpha_prod_t * beta_prod_t) ** 0.5
+                std_dev_t = max(std_dev_t ** 2 - c ** 2 * model_output_variance, 0.0) ** 0.5
             prev_sample = prev_sample + std_dev_t * noise
         return StepOutput(prev_sample.astype(np.float32), pred_original_sample.astype(np.float32))

@@ -66,8 +66,13 @@ class DDPMScheduler:
         return variance
 
     def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray,
-             noise: np.ndarray | None = None, rng: np.random.Generator | None = None) -> StepOutput:
-        """One ancestral step x_t → x_{t-1}; the noise is `noise` (or drawn from `rng`) when t > 0."""
+             noise: np.ndarray | None = None, rng: np.random.Generator | None = None,
+             model_output_variance: float = 0.0) -> StepOutput:
+        """One ancestral step x_t → x_{t-1}; the noise is `noise` (or drawn from `rng`) when t > 0.
+
+        `model_output_variance`: variance of a known random error in an ε prediction (a quantized
+        model's residual noise); the step's noise variance is lowered by what that error already
+        adds to x_{t-1} (never below zero), as PTQD does."""
         cfg = self.config
         t = int(timestep)
         prev_t = self.previous_timestep(t)
@@ -93,7 +98,12 @@ class DDPMScheduler:
             if noise is None:
                 noise = (rng or np.random.default_rng()).standard_normal(sample.shape).astype(np.float32)
             if cfg.variance_type == "fixed_small_log":
-                pred_prev_sample = pred_prev_sample + self._variance(t) * noise
+                std = self._variance(t)
             else:
-                pred_prev_sample = pred_prev_sample + self._variance(t) ** 0.5 * noise
+                std = self._variance(t) ** 0.5
+            if model_output_variance > 0 and cfg.prediction_type == "epsilon":
+                # x_{t-1} moves by c·δ for an error δ in ε: c = coeff(x_0) · ∂x̂_0/∂ε
+                c = pred_original_sample_coeff * beta_prod_t ** 0.5 / alpha_prod_t ** 0.5
+                std = max(std ** 2 - c ** 2 * model_output_variance, 0.0) ** 0.5
+            pred_prev_sample = pred_prev_sample + std * noise
         return StepOutput(pred_prev_sample.astype(np.float32), pred_original_sample.astype(np.float32))
