@@ -4,6 +4,8 @@
 `sample(num_steps, batch, seed)` returns `SampleResult(images [B, C, H, W] float32 in [-1, 1],
 timesteps, seconds per step)`. The initial noise is numpy's `default_rng(seed)`, so a seed gives the
 same x_T on every device; any step count works (the graph takes the raw training time step).
+`correction`: None applies the artifact's fitted ε correction (runtime.correction) to quantized
+graphs when the artifact enables it; True requires it; False turns it off.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .artifact import Artifact
+from .artifact import Artifact, ArtifactError
+from .correction import load_correction
 from .schedulers import make_scheduler
 from .session import UNetSession
 
@@ -35,11 +38,24 @@ def initial_noise(shape: tuple, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def absorb(sched, residual_var: float) -> dict:
+    """Step keyword that lets a stochastic scheduler absorb the residual ε variance into its noise."""
+    stochastic = getattr(sched.config, "eta", 1.0) > 0 and "model_output_variance" in sched.step.__code__.co_varnames
+    return dict(model_output_variance=residual_var) if stochastic else {}
+
+
 class Sampler:
     def __init__(self, artifact: Artifact, role: str | None = None, scheduler: str = "ddim",
-                 threads: int | None = None, **scheduler_overrides):
+                 threads: int | None = None, correction: bool | None = None, **scheduler_overrides):
         self.artifact = artifact
         self.graph_path = artifact.graph(role)
+        quantized = artifact.manifest.files[self.graph_path.name].role != "fp32"
+        fitted = load_correction(artifact) if quantized else None
+        if correction and fitted is None:
+            raise ArtifactError(f"artifact {artifact.path} has no ε correction for graph {self.graph_path.name}; "
+                                f"convert with --correction or sample without it")
+        self.correction = fitted if (correction or (correction is None and fitted is not None and fitted.enabled)) \
+            else None
         self.session = UNetSession(self.graph_path, threads=threads)
         self.scheduler_name = scheduler
         self.scheduler_overrides = scheduler_overrides
@@ -57,7 +73,11 @@ class Sampler:
             t0 = time.perf_counter()
             eps = self.session(x, int(t))
             step_s.append(time.perf_counter() - t0)
-            x = sched.step(eps, int(t), x, rng=rng).prev_sample
+            if self.correction is not None:
+                eps, residual_var = self.correction.apply(eps, int(t))
+                x = sched.step(eps, int(t), x, rng=rng, **absorb(sched, residual_var)).prev_sample
+            else:
+                x = sched.step(eps, int(t), x, rng=rng).prev_sample
             if return_trajectory:
                 traj.append(x.copy())
         loop = time.perf_counter() - t_loop

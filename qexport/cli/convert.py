@@ -15,6 +15,12 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tables", help="reuse tables written by `qexport calibrate` instead of calibrating")
     p.add_argument("--static-groups", action="store_true",
                    help="also write one constant-scale QDQ graph per time-step group (for NPU providers)")
+    p.add_argument("--correction", choices=["auto", "on", "off"], default="auto",
+                   help="per-step ε correction fitted on the integer graph: auto = enabled when it lowers the "
+                        "held-out ε error (default), on, off")
+    p.add_argument("--rounding", choices=["nearest", "learned"], default=None,
+                   help="integer weight rounding (default: learned at --bits 4, nearest at 8)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the correction fit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_calibration_arguments(p)
     for a in p._actions:  # --method gains the ORT-static baseline here
@@ -35,11 +41,17 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.output or f"{Path(args.model_id).name}-w{args.bits}a8")
     convert(args.model_id, out, bits=args.bits, groups=args.groups, method=method, calibration=cfg,
             tables=args.tables, static_groups=args.static_groups, overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle)
+            allow_pickle=args.allow_pickle, correction=args.correction, rounding=args.rounding,
+            threads=args.threads)
     art = load_artifact(out)
     m = art.manifest
     fp32 = next(e.bytes for e in m.files.values() if e.role == "fp32")
-    print(f"\nwrote {out}: W{m.bits['weights']}A{m.bits['activations']}, {m.groups} time-step groups, method {m.method}")
+    print(f"\nwrote {out}: W{m.bits['weights']}A{m.bits['activations']}, {m.groups} time-step groups, method {m.method}, "
+          f"{m.extra['tables']['weight_rounding']} weight rounding")
+    if "correction" in m.extra:
+        c = m.extra["correction"]
+        print(f"ε correction: held-out ε MSE {c['heldout_eps_mse']:.3g} → {c['heldout_eps_mse_corrected']:.3g} "
+              f"({100 * c['heldout_gain']:+.1f}%), {'enabled' if c['enabled'] else 'stored but off by default'}")
     for name, e in m.files.items():
         ratio = f"{e.bytes / fp32:5.2f}x fp32" if e.role in ("qdq", "int", "static-group") else ""
         print(f"  {name:<28} {e.role:<13} {e.bytes:>11,} B  {ratio}")

@@ -14,7 +14,10 @@ from pathlib import Path
 import onnx
 
 from ..zoo.loading import LoadedModel, load_model
+from qexport_runtime.correction import CORRECTION_FILE
+
 from .artifact import ArtifactWriter
+from .correction import fit_correction
 from .passes import StripTaps
 from .to_onnx import export_marked
 
@@ -118,8 +121,13 @@ SHARED_WEIGHTS = "static_groups.weights"
 
 def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None = None, method: str = "mse",
             calibration=None, tables: str | Path | None = None, static_groups: bool = False,
-            overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> Path:
+            overwrite: bool = False, allow_pickle: bool = False, progress: bool = True,
+            correction: str = "auto", rounding: str | None = None, threads: int | None = None) -> Path:
     """The main job: MODEL_ID → calibrated tables → artifact folder (FP32, QDQ, integer graphs).
+
+    `correction`: "auto" fits the per-step ε correction on the integer graph and enables it when it
+    helps on held-out trajectories, "on" enables it regardless, "off" fits none.
+    `rounding`: "nearest" or "learned" integer weights (default: learned at 4 bits, nearest at 8).
 
     `method="static"` is the baseline ORT's quantize_static would give (K=1, min/max ranges,
     Conv/MatMul/Gemm), exported through the same passes with constant scales."""
@@ -133,6 +141,11 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
 
     if bits not in (4, 8):
         raise QexportError(f"--bits must be 4 or 8, got {bits}")
+    if correction not in ("auto", "on", "off"):
+        raise QexportError(f"--correction must be auto, on or off, got {correction!r}")
+    rounding = rounding or ("learned" if bits == 4 else "nearest")
+    if rounding not in ("nearest", "learned"):
+        raise QexportError(f"--rounding must be nearest or learned, got {rounding!r}")
     cfg = calibration or CalibrationConfig()
     if method == "static":
         cfg = dataclasses.replace(cfg, table=TableConfig(groups=1, range=RangeConfig(method="minmax"), weight_bits=bits,
@@ -145,7 +158,8 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
     model = load_model(model_id, allow_pickle=allow_pickle)  # bad input fails before any progress output
     if Path(out).exists() and not overwrite:
         raise QexportError(f"output folder {out} already exists; pass --overwrite or choose another -o")
-    stages = tqdm(total=5 + (1 if static_groups else 0), desc="convert", disable=not progress)
+    stages = tqdm(total=5 + (1 if static_groups else 0) + (correction != "off") + (rounding == "learned"),
+                  desc="convert", disable=not progress)
     stages.update(1)
     if tables is not None:
         table = QuantTable.load(tables)
@@ -154,6 +168,11 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
     else:
         table, _ = calibrate(model, cfg, progress=progress)
     stages.update(1)
+    if rounding == "learned" and not table.weight_int:
+        from ..calibrate.rounding import learn_weight_rounding
+
+        table = dataclasses.replace(table, weight_int=learn_weight_rounding(model, table, progress=progress))
+        stages.update(1)
     with ArtifactWriter(out, overwrite=overwrite) as w, tempfile.TemporaryDirectory() as tmp:
         marked = marked_graph(model, Path(tmp))
         onnx.save(fp32_graph(marked), str(w.add(FP32_FILE, "fp32")))
@@ -164,9 +183,18 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
         onnx.save(build_int(qdq), str(w.add(INT_FILE, "int")))
         stages.update(1)
         extra = dict(tables=dict(sha256=table.digest(), sites=len(table.sites), method=table.method,
-                                 zero_point=cfg.table.zero_point),
+                                 zero_point=table.calibration.get("table", {}).get("zero_point"),
+                                 weight_rounding="learned" if table.weight_int else "nearest"),
                      ops=dict(quantized=["Conv", "MatMul", "Gemm"], attention_matmuls=True,
-                              split_concat_quantization=True))
+                              split_concat_quantization=table.calibration.get("table", {}).get("split_concat", True)))
+        if correction != "off":
+            fitted = fit_correction(w.dir / INT_FILE, w.dir / FP32_FILE, model.scheduler_config, model.sample_shape,
+                                    threads=threads, progress=progress)
+            if correction == "on":
+                fitted = dataclasses.replace(fitted, enabled=True)
+            fitted.save(w.add(CORRECTION_FILE, "correction"))
+            extra["correction"] = dict(file=CORRECTION_FILE, enabled=fitted.enabled, **fitted.fit)
+            stages.update(1)
         if static_groups:
             extra["static_groups"] = write_static_groups(marked, table, w)
             stages.update(1)
