@@ -1,0 +1,138 @@
+"""Image fidelity of an artifact's quantized graph against its own FP32 graph ("FID to FP32").
+
+Both graphs sample with the runtime's sampler from identical seeds; the sets are compared by the
+Fréchet distance of extractor features (`fd_to_fp32`), by pairwise PSNR / SSIM and by the share of
+samples whose predicted label matches the FP32 sample's. `seed_floor` is the Fréchet distance
+between two FP32 sets drawn from different seeds, i.e. how much resampling alone moves the metric;
+`fd_to_fp32_pct_floor` = 100 · fd_to_fp32 / seed_floor. The FP32 side (`Reference`) depends only
+on the model and the sampling settings, so comparisons of many artifacts compute it once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from qexport_runtime.artifact import Artifact, load_artifact
+from qexport_runtime.sampler import Sampler
+
+from .features import FeatureExtractor, load_extractor
+from .metrics import FeatureStats, frechet_distance, psnr, ssim
+
+FLOOR_SEED_OFFSET = 1_000_000   # the second FP32 set's seeds: disjoint from the compared sets'
+PSNR_CAP_DB = 100.0             # identical images count as 100 dB in the mean (not +inf)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FidelityConfig:
+    samples: int = 512
+    steps: int = 50
+    scheduler: str = "ddim"
+    seed: int = 0
+    batch: int = 128
+    threads: int | None = None
+    role: str | None = None          # quantized graph to judge (default: the fastest present)
+    correction: bool | None = None   # None: the artifact's default
+
+    def __post_init__(self):
+        if self.samples < 2 or self.steps < 1 or self.batch < 1:
+            raise ValueError("samples must be ≥ 2, steps and batch ≥ 1")
+
+
+def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: int,
+               correction: bool | None = None, desc: str = "", progress: bool = True) -> np.ndarray:
+    """`cfg.samples` images in batches; batch i uses seed `seed + i` (the same for every graph)."""
+    from tqdm import tqdm
+
+    sampler = Sampler(artifact, role=role, scheduler=cfg.scheduler, threads=cfg.threads,
+                      correction=False if role == "fp32" else correction)
+    out = []
+    for i, start in enumerate(tqdm(range(0, cfg.samples, cfg.batch), desc=desc, disable=not progress, leave=False)):
+        n = min(cfg.batch, cfg.samples - start)
+        out.append(sampler.sample(cfg.steps, batch=n, seed=seed + i).images.copy())
+    return np.concatenate(out)
+
+
+@dataclass
+class Reference:
+    """The FP32 side of a comparison: its samples, a second FP32 set from other seeds, their features."""
+    images: np.ndarray
+    floor_images: np.ndarray
+    features: np.ndarray
+    floor_features: np.ndarray
+    labels: np.ndarray | None
+    seed_floor: float
+    fp32_sha256: str
+    config: FidelityConfig
+
+    def matches(self, artifact: Artifact, cfg: FidelityConfig) -> bool:
+        same = (cfg.samples, cfg.steps, cfg.scheduler, cfg.seed) == \
+            (self.config.samples, self.config.steps, self.config.scheduler, self.config.seed)
+        return same and _fp32_sha(artifact) == self.fp32_sha256
+
+
+def _fp32_sha(artifact: Artifact) -> str:
+    return next(e.sha256 for e in artifact.manifest.files.values() if e.role == "fp32")
+
+
+def fp32_reference(artifact: Artifact, cfg: FidelityConfig, extractor: FeatureExtractor,
+                   progress: bool = True) -> Reference:
+    images = sample_set(artifact, "fp32", cfg, cfg.seed, desc="fp32 samples", progress=progress)
+    floor = sample_set(artifact, "fp32", cfg, cfg.seed + FLOOR_SEED_OFFSET, desc="fp32 floor", progress=progress)
+    f, ff = extractor.features(images), extractor.features(floor)
+    return Reference(images, floor, f, ff, extractor.labels(images), frechet_distance(f, ff), _fp32_sha(artifact), cfg)
+
+
+def compare(images: np.ndarray, ref: Reference, extractor: FeatureExtractor) -> dict:
+    """The metrics of a quantized set against the reference (same seeds, same order)."""
+    feats = extractor.features(images)
+    fd = frechet_distance(feats, ref.features)
+    labels = extractor.labels(images)
+    p = np.minimum(psnr(images, ref.images), PSNR_CAP_DB)
+    real = extractor.real_stats
+    return dict(fd_to_fp32=fd, seed_floor=ref.seed_floor, fd_to_fp32_pct_floor=100.0 * fd / ref.seed_floor,
+                fd_to_real=frechet_distance(FeatureStats.of(feats), real) if real is not None else None,
+                fd_fp32_to_real=frechet_distance(FeatureStats.of(ref.features), real) if real is not None else None,
+                label_agreement=float((labels == ref.labels).mean()) if labels is not None else None,
+                psnr_db=float(p.mean()), ssim=float(ssim(images, ref.images).mean()),
+                pixel_rmse=float(np.sqrt(((images - ref.images) ** 2).mean())))
+
+
+def evaluate(artifact_path, cfg: FidelityConfig = FidelityConfig(), extractor: FeatureExtractor | None = None,
+             reference: Reference | None = None, progress: bool = True) -> tuple[dict, Reference]:
+    """Sample the artifact's quantized graph and FP32 graph, return (report, reusable reference)."""
+    t0 = time.perf_counter()
+    artifact = load_artifact(artifact_path)
+    extractor = extractor or load_extractor()
+    if reference is None or not reference.matches(artifact, cfg):
+        reference = fp32_reference(artifact, cfg, extractor, progress)
+    sampler_role = cfg.role or next(r for r in ("int", "qdq", "static-group") if artifact.manifest.files_with_role(r))
+    images = sample_set(artifact, sampler_role, cfg, cfg.seed, cfg.correction, desc=f"{sampler_role} samples",
+                        progress=progress)
+    corr = Sampler(artifact, role=sampler_role, correction=cfg.correction).correction is not None
+    m = artifact.manifest
+    report = dict(artifact=str(artifact.path), graph=artifact.graph(sampler_role).name, method=m.method,
+                  bits=m.bits, groups=m.groups, correction_applied=corr, extractor=extractor.name,
+                  **compare(images, reference, extractor), samples=cfg.samples, steps=cfg.steps,
+                  scheduler=cfg.scheduler, seed=cfg.seed, seconds=round(time.perf_counter() - t0, 1),
+                  config=asdict(cfg))
+    report["_images"] = images
+    return report, reference
+
+
+METRIC_ROWS = (("fd_to_fp32", "FD to FP32", "{:.4f}"), ("seed_floor", "seed floor (FP32 vs FP32)", "{:.3f}"),
+               ("fd_to_fp32_pct_floor", "FD to FP32, % of floor", "{:.2f}%"), ("fd_to_real", "FD to real", "{:.3f}"),
+               ("fd_fp32_to_real", "FD FP32 to real", "{:.3f}"), ("label_agreement", "label agreement", "{:.2%}"),
+               ("psnr_db", "PSNR vs FP32 (dB)", "{:.2f}"), ("ssim", "SSIM vs FP32", "{:.4f}"))
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['artifact']} ({r['graph']}, W{r['bits']['weights']}A{r['bits']['activations']}, {r['groups']} groups, "
+             f"correction {'on' if r['correction_applied'] else 'off'}): {r['samples']} samples, "
+             f"{r['scheduler']}-{r['steps']}, features {r['extractor']}"]
+    for key, label, fmt in METRIC_ROWS:
+        v = r.get(key)
+        lines.append(f"  {label:<26} {'n/a' if v is None else fmt.format(v)}")
+    return "\n".join(lines)
