@@ -9,10 +9,12 @@ import logging
 import sys
 
 from .. import __version__
+from qexport_runtime.artifact import ArtifactError
+
 from ..errors import QexportError
 
 # The fixed list of subcommands, in the order the data flows.
-SUBCOMMANDS = ("models", "calibrate", "inspect", "convert", "bench")
+SUBCOMMANDS = ("models", "calibrate", "inspect", "convert", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args._run(args) or 0)
-    except QexportError as e:
+    except (QexportError, ArtifactError) as e:
         print(f"qexport {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
