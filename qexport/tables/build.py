@@ -23,7 +23,8 @@ class TableConfig:
     groups: int = 8
     range: RangeConfig = RangeConfig()
     weight_bits: int = 8
-    weight_mse: bool = True
+    weight_mse: bool | None = None   # MSE-optimal weight clipping; None: at 4 bits only (at 8 bits the
+                                     # clipped outliers cost more along the sampling loop than rounding saves)
     first_last_8bit: bool = True     # keep conv_in / conv_out weights at 8 bits when weight_bits=4
     zero_point: str = "shared"       # "shared": one zero point per site (fast integer kernels); "per-group"
     split_concat: bool = True        # quantize each part of a skip concatenation with its own range
@@ -70,7 +71,8 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
     else:
         scale, zp = affine_params(lo, hi, cfg.range.bits)
     wbits = {m: (8 if (m in first_last and cfg.first_last_8bit) else cfg.weight_bits) for m in weights}
-    wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse) for m, w in weights.items()}
+    wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse if cfg.weight_mse is not None else wbits[m] == 4)
+              for m, w in weights.items()}
     calib = dict(calibration or {})
     calib.update(table=dict(groups_requested=cfg.groups, range=asdict(cfg.range), weight_bits=cfg.weight_bits,
                             weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit,

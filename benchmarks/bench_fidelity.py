@@ -1,0 +1,267 @@
+"""Fidelity ablation on the shipped model: which part of qexport buys how much image fidelity.
+
+    python benchmarks/bench_fidelity.py [--samples 512] [--steps 50] [--rows ...] [--fresh]
+
+At W8A8 and W4A8 on digits16-ddpm, each row adds one thing to the previous one:
+  ORT quantize_static (Conv/MatMul/Gemm, MinMax, QDQ — the deployment baseline)
+  → K=1 static (ours: one min/max range per tensor, per-channel weights, attention matmuls, one
+    range for each skip concatenation) → per-time-step tables (K=8) → + split shortcuts →
+  + MSE clipping → + per-group zero points → + ε correction → (W4) + learned rounding.
+Every row is a real artifact (`convert`) judged by `qexport eval`'s metrics on its integer graph
+against the FP32 graph, same seeds (DDIM-50, 512 samples by default), the FP32 side computed once.
+All rows share one calibration run (statistics), so they differ only in what the row changes.
+Writes benchmarks/results/fidelity_ablation.{json,md}, a bar chart fidelity_ablation.png and the
+error-accumulation plot error_accumulation.png (static K=1 vs per-step tables vs + correction).
+Rows are saved as they finish; a rerun skips rows already in the JSON (pass --fresh to redo all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAIN = "digits16-ddpm"
+
+# id, label, weight bits, TableConfig fields, convert() keywords; each row adds one change.
+BASE = dict(groups=1, method="minmax", split_concat=False, zero_point="shared")
+ROWS = []
+for bits in (8, 4):
+    w = f"w{bits}"
+    chain = [("k1", "K=1 static (ours)", dict(BASE), dict(correction="off", rounding="nearest")),
+             ("k8", "per-time-step tables (K=8)", dict(BASE, groups=8), dict(correction="off", rounding="nearest")),
+             ("split", "+ split shortcuts", dict(BASE, groups=8, split_concat=True),
+              dict(correction="off", rounding="nearest")),
+             ("mse", "+ MSE clipping", dict(BASE, groups=8, split_concat=True, method="mse"),
+              dict(correction="off", rounding="nearest")),
+             ("zp", "+ per-group zero points", dict(BASE, groups=8, split_concat=True, method="mse",
+                                                    zero_point="per-group"), dict(correction="off", rounding="nearest")),
+             ("corr", "+ ε correction", dict(BASE, groups=8, split_concat=True, method="mse", zero_point="per-group"),
+              dict(correction="on", rounding="nearest"))]
+    if bits == 4:
+        chain.append(("round", "+ learned rounding", dict(BASE, groups=8, split_concat=True, method="mse",
+                                                          zero_point="per-group"),
+                      dict(correction="on", rounding="learned")))
+    ROWS.append((f"{w}-ort", "ORT quantize_static", bits, None, None))
+    ROWS += [(f"{w}-{i}", label, bits, t, c) for i, label, t, c in chain]
+
+
+def table_for(stats, model, calib: dict, bits: int, fields: dict):
+    from qexport.calibrate.api import first_last_layers, unet_weights
+    from qexport.tables.build import TableConfig, build_table
+    from qexport.tables.ranges import RangeConfig
+
+    f = dict(fields)
+    cfg = TableConfig(range=RangeConfig(method=f.pop("method")), weight_bits=bits, **f)
+    return build_table(stats, model.num_train_timesteps, unet_weights(model.unet), cfg, calib,
+                       first_last=first_last_layers(model.unet))
+
+
+def ort_static_artifact(model, source_cfg, out: Path, bits: int) -> Path:
+    """ORT's own quantize_static on our FP32 graph, fed the same calibration (t, x_t) pairs."""
+    import onnx
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from qexport.calibrate.sources import CalibrationSource
+    from qexport.export.artifact import ArtifactWriter
+    from qexport.export.pipeline import FP32_FILE, QDQ_FILE, fp32_graph, manifest_fields, marked_graph
+
+    pairs = []
+    src = CalibrationSource(model.scheduler_config, model.sample_shape, source_cfg)
+    with torch.no_grad():
+        for t, x in src.run(lambda x, t, keep: model.unet(x, torch.tensor([t])).sample):
+            pairs.append({"sample": np.ascontiguousarray(x, np.float32), "timestep": np.array([t], np.int64)})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(pairs)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with ArtifactWriter(out, overwrite=True) as w:
+        fp32 = fp32_graph(marked_graph(model, w.dir))
+        (w.dir / "marked.onnx").unlink()
+        onnx.save(fp32, str(w.add(FP32_FILE, "fp32")))
+        quantize_static(str(w.dir / FP32_FILE), str(w.dir / QDQ_FILE), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt4 if bits == 4 else QuantType.QInt8, per_channel=False)
+        w.add(QDQ_FILE, "qdq")
+        w.finish(**manifest_fields(model, bits=dict(weights=bits, activations=8), groups=1, method="ort-static"))
+    return out
+
+
+def weights_only_images(model, table, cfg) -> np.ndarray:
+    """Weights quantized, activations FP32 (torch simulation): how much of the loss is weights' alone."""
+    from qexport.eval.simulate import simulated
+    from qexport.zoo.model_card import sample_torch
+
+    out = []
+    with simulated(model.unet, table, weights=True, activations=False):
+        for i, start in enumerate(range(0, cfg.samples, cfg.batch)):
+            n = min(cfg.batch, cfg.samples - start)
+            out.append(sample_torch(model.unet, model.scheduler_config, n, cfg.steps, seed=cfg.seed + i))
+    return np.concatenate(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", nargs="*", help="row ids to run (default: all)")
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "qexport-bench" / "ablation"))
+    p.add_argument("--fresh", action="store_true", help="recompute rows already in the JSON")
+    args = p.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+
+    from qexport.calibrate.api import CalibrationConfig, calibrate
+    from qexport.eval.accumulation import error_curves, plot_curves
+    from qexport.eval.features import load_extractor
+    from qexport.eval.fidelity import FidelityConfig, compare, evaluate
+    from qexport.export.pipeline import convert
+    from qexport.tables.schema import QuantTable
+    from qexport.zoo.loading import load_model
+
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(exist_ok=True)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    out_json = RESULTS / "fidelity_ablation.json"
+    report = json.loads(out_json.read_text()) if out_json.exists() and not args.fresh else {}
+    settings = dict(model=MAIN, samples=args.samples, steps=args.steps, scheduler="ddim", seed=0)
+    if report.get("settings") != settings:
+        report = dict(settings=settings, rows={})
+    report["machine"] = machine_info()
+
+    def save():
+        out_json.write_text(json.dumps(report, indent=2))
+
+    model = load_model(MAIN)
+    t0 = time.perf_counter()
+    cal = CalibrationConfig()
+    table0, stats = calibrate(model, cal, progress=True)
+    report["calibration_seconds"] = round(time.perf_counter() - t0, 1)
+    ext = load_extractor()
+    cfg = FidelityConfig(samples=args.samples, steps=args.steps, batch=128, threads=args.threads)
+    ref = None
+    rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
+    for rid, label, bits, fields, kw in tqdm(rows, desc="ablation"):
+        if rid in report["rows"] and not args.fresh:
+            continue
+        t1 = time.perf_counter()
+        out = work / rid
+        if fields is None:
+            ort_static_artifact(model, cal.source, out, bits)
+            extra = {}
+        else:
+            table = table_for(stats, model, table0.calibration, bits, fields)
+            tdir = work / f"{rid}-tables"
+            table.save(tdir)
+            convert(MAIN, out, bits=bits, tables=tdir, overwrite=True, progress=False, threads=args.threads, **kw)
+            extra = dict(table=fields, **kw)
+        rep, ref = evaluate(out, cfg, ext, reference=ref, progress=False)
+        rep.pop("_images")
+        report.setdefault("seed_floor", rep["seed_floor"])
+        report["rows"][rid] = dict(label=label, bits=bits, **extra, **{k: rep[k] for k in (
+            "fd_to_fp32", "fd_to_fp32_pct_floor", "label_agreement", "psnr_db", "ssim", "fd_to_real",
+            "correction_applied", "graph")}, seconds=round(time.perf_counter() - t1, 1))
+        save()
+        print(f"{rid:<10} {label:<28} FD {rep['fd_to_fp32']:.4f} ({rep['fd_to_fp32_pct_floor']:.2f}% floor) "
+              f"labels {rep['label_agreement']:.2%} PSNR {rep['psnr_db']:.2f}", flush=True)
+
+    # reference rows: weights alone (activations FP32), torch simulation, the same seeds
+    for bits, rid in ((8, "w8-weights-only"), (4, "w4-weights-only")):
+        if rid in report["rows"] and not args.fresh:
+            continue
+        if ref is None:
+            ref = evaluate(work / "w8-k1", cfg, ext, progress=False)[1]
+        src = work / ("w4-round" if bits == 4 else "w8-mse")
+        if not (src / "tables.json").exists():
+            print(f"skipping {rid}: its tables come from row {src.name}, which was not run")
+            continue
+        table = QuantTable.load(src)
+        images = weights_only_images(model, table, cfg)
+        m = compare(images, ref, ext)
+        report["rows"][rid] = dict(label=f"weights only ({'learned' if bits == 4 else 'nearest'}; acts FP32, torch)",
+                                   bits=bits, **{k: m[k] for k in ("fd_to_fp32", "fd_to_fp32_pct_floor",
+                                                                   "label_agreement", "psnr_db", "ssim", "fd_to_real")})
+        save()
+
+    curves = {}
+    for rid, lab in (("w8-k1", "W8A8 static K=1"), ("w8-zp", "W8A8 per-step K=8"), ("w8-corr", "W8A8 + correction"),
+                     ("w4-k1", "W4A8 static K=1"), ("w4-corr", "W4A8 per-step K=8 + corr"),
+                     ("w4-round", "W4A8 + learned rounding")):
+        if (work / rid / "manifest.json").exists():
+            curves[lab] = error_curves(work / rid, samples=64, steps=args.steps, threads=args.threads)
+    if curves:
+        plot_curves(curves, RESULTS / "error_accumulation.png", title=f"{MAIN}, DDIM-{args.steps}, 64 samples")
+        report["error_curves"] = {k: dict(final_rmse=v["final_rmse"], eps_rmse_mean=float(np.mean(v["eps_rmse"])),
+                                          trajectory_rmse_max=float(np.max(v["trajectory_rmse"])))
+                                  for k, v in curves.items()}
+    save()
+    write_markdown(report)
+    plot_bars(report)
+    print(f"wrote {out_json}, fidelity_ablation.md, fidelity_ablation.png, error_accumulation.png")
+    return 0
+
+
+def write_markdown(report: dict) -> None:
+    s = report["settings"]
+    lines = [f"# Fidelity ablation: {s['model']}, DDIM-{s['steps']}, {s['samples']} samples vs the FP32 graph",
+             "", f"Seed floor (FD between two FP32 sets, different seeds): **{report.get('seed_floor', float('nan')):.3f}**",
+             "", "| row | W | FD to FP32 | % of floor | label agreement | PSNR dB | SSIM | FD to real |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rid, r in report["rows"].items():
+        lines.append(f"| {r['label']} | {r['bits']} | {r['fd_to_fp32']:.4f} | {r['fd_to_fp32_pct_floor']:.2f}% | "
+                     f"{r['label_agreement']:.2%} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['fd_to_real']:.2f} |")
+    if "error_curves" in report:
+        lines += ["", "Error accumulation (64 samples; error_accumulation.png):", "",
+                  "| run | final x_0 RMS vs FP32 | max x_t RMS along the loop | mean single-step ε RMS |",
+                  "|---|---|---|---|"]
+        for k, v in report["error_curves"].items():
+            lines.append(f"| {k} | {v['final_rmse']:.4f} | {v['trajectory_rmse_max']:.4f} | {v['eps_rmse_mean']:.4f} |")
+    (RESULTS / "fidelity_ablation.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_bars(report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7))
+    for col, bits in enumerate((8, 4)):
+        rows = [(r["label"], r) for r in report["rows"].values() if r["bits"] == bits]
+        names = [n for n, _ in rows]
+        y = np.arange(len(rows))
+        axes[0, col].barh(y, [r["fd_to_fp32_pct_floor"] for _, r in rows], color="tab:blue")
+        axes[0, col].axvline(1 if bits == 8 else 10, color="red", ls="--", label="target")
+        axes[0, col].set(title=f"W{bits}A8: FD to FP32, % of seed floor (lower is better)", xscale="log")
+        axes[1, col].barh(y, [100 * r["label_agreement"] for _, r in rows], color="tab:green")
+        axes[1, col].axvline(98 if bits == 8 else 90, color="red", ls="--", label="target")
+        axes[1, col].set(title=f"W{bits}A8: label agreement with FP32, %", xlim=(50, 100))
+        for ax in axes[:, col]:
+            ax.set_yticks(y, names, fontsize=8)
+            ax.invert_yaxis()
+            ax.legend(fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "fidelity_ablation.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
