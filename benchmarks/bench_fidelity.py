@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         rep.pop("_images")
         report.setdefault("seed_floor", rep["seed_floor"])
         report["rows"][rid] = dict(label=label, bits=bits, **extra, **{k: rep[k] for k in (
-            "fd_to_fp32", "fd_to_fp32_pct_floor", "label_agreement", "psnr_db", "ssim", "fd_to_real",
+            "fd_to_fp32", "fd_to_fp32_bootstrap_std", "fd_to_fp32_pct_floor", "label_agreement", "psnr_db", "ssim", "fd_to_real",
             "correction_applied", "graph")}, seconds=round(time.perf_counter() - t1, 1))
         save()
         print(f"{rid:<10} {label:<28} FD {rep['fd_to_fp32']:.4f} ({rep['fd_to_fp32_pct_floor']:.2f}% floor) "
@@ -196,7 +196,8 @@ def main(argv=None) -> int:
         images = weights_only_images(model, table, cfg)
         m = compare(images, ref, ext)
         report["rows"][rid] = dict(label=f"weights only ({'learned' if bits == 4 else 'nearest'}; acts FP32, torch)",
-                                   bits=bits, **{k: m[k] for k in ("fd_to_fp32", "fd_to_fp32_pct_floor",
+                                   bits=bits, **{k: m[k] for k in ("fd_to_fp32", "fd_to_fp32_bootstrap_std",
+                                                                   "fd_to_fp32_pct_floor",
                                                                    "label_agreement", "psnr_db", "ssim", "fd_to_real")})
         save()
 
@@ -222,10 +223,13 @@ def write_markdown(report: dict) -> None:
     s = report["settings"]
     lines = [f"# Fidelity ablation: {s['model']}, DDIM-{s['steps']}, {s['samples']} samples vs the FP32 graph",
              "", f"Seed floor (FD between two FP32 sets, different seeds): **{report.get('seed_floor', float('nan')):.3f}**",
-             "", "| row | W | FD to FP32 | % of floor | label agreement | PSNR dB | SSIM | FD to real |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "FD ± is the bootstrap std of the paired FD (resampling the 512 pairs): smaller differences "
+             "between rows are noise.", "",
+             "| row | W | FD to FP32 | ± | % of floor | label agreement | PSNR dB | SSIM | FD to real |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rid, r in report["rows"].items():
-        lines.append(f"| {r['label']} | {r['bits']} | {r['fd_to_fp32']:.4f} | {r['fd_to_fp32_pct_floor']:.2f}% | "
+        lines.append(f"| {r['label']} | {r['bits']} | {r['fd_to_fp32']:.4f} | {r.get('fd_to_fp32_bootstrap_std', float('nan')):.4f} | "
+                     f"{r['fd_to_fp32_pct_floor']:.2f}% | "
                      f"{r['label_agreement']:.2%} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['fd_to_real']:.2f} |")
     if "error_curves" in report:
         lines += ["", "Error accumulation (64 samples; error_accumulation.png):", "",

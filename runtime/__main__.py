@@ -22,13 +22,15 @@ def _sample(args: argparse.Namespace) -> int:
     from .sampler import Sampler
 
     art = load_artifact(args.artifact)
-    sampler = Sampler(art, role=args.graph, scheduler=args.scheduler, threads=args.threads)
+    sampler = Sampler(art, role=args.graph, scheduler=args.scheduler, threads=args.threads,
+                      correction={"auto": None, "on": True, "off": False}[args.correction])
     res = sampler.sample(args.steps, batch=args.batch, seed=args.seed)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", res.images)
     write_png(out / "samples.png", grid(res.images, scale=args.scale))
     summary = dict(artifact=str(art.path), graph=sampler.graph_path.name, scheduler=args.scheduler,
+                   correction_applied=sampler.correction is not None,
                    steps=args.steps, batch=args.batch, seed=args.seed,
                    step_ms_median=float(np.median(res.step_seconds) * 1e3),
                    loop_seconds=res.loop_seconds, python_overhead=res.python_overhead)
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     s.add_argument("--graph", default=None, help="graph role to run (int, qdq, fp32); default: fastest present")
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--correction", choices=["auto", "on", "off"], default="auto",
+                   help="the artifact's per-step ε correction: auto = as the artifact says (default)")
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG grid")
     s.set_defaults(func=_sample)
     add_bench_arguments(sub.add_parser("bench", help="latency, memory and size of an artifact's graphs"))

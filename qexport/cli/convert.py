@@ -50,8 +50,9 @@ def _run(args: argparse.Namespace) -> int:
           f"{m.extra['tables']['weight_rounding']} weight rounding")
     if "correction" in m.extra:
         c = m.extra["correction"]
-        print(f"ε correction: held-out ε MSE {c['heldout_eps_mse']:.3g} → {c['heldout_eps_mse_corrected']:.3g} "
-              f"({100 * c['heldout_gain']:+.1f}%), {'enabled' if c['enabled'] else 'stored but off by default'}")
+        print(f"ε correction: held-out final-image RMS vs FP32 {c['heldout_image_rmse']:.4f} → "
+              f"{c['heldout_image_rmse_corrected']:.4f} ({-100 * c['heldout_gain']:+.1f}%), "
+              f"{'enabled' if c['enabled'] else 'stored but off by default (it does not help here)'}")
     for name, e in m.files.items():
         ratio = f"{e.bytes / fp32:5.2f}x fp32" if e.role in ("qdq", "int", "static-group") else ""
         print(f"  {name:<28} {e.role:<13} {e.bytes:>11,} B  {ratio}")

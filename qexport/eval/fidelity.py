@@ -92,12 +92,24 @@ def compare(images: np.ndarray, ref: Reference, extractor: FeatureExtractor) -> 
     labels = extractor.labels(images)
     p = np.minimum(psnr(images, ref.images), PSNR_CAP_DB)
     real = extractor.real_stats
-    return dict(fd_to_fp32=fd, seed_floor=ref.seed_floor, fd_to_fp32_pct_floor=100.0 * fd / ref.seed_floor,
+    return dict(fd_to_fp32=fd, fd_to_fp32_bootstrap_std=bootstrap_fd_std(feats, ref.features),
+                seed_floor=ref.seed_floor, fd_to_fp32_pct_floor=100.0 * fd / ref.seed_floor,
                 fd_to_real=frechet_distance(FeatureStats.of(feats), real) if real is not None else None,
                 fd_fp32_to_real=frechet_distance(FeatureStats.of(ref.features), real) if real is not None else None,
                 label_agreement=float((labels == ref.labels).mean()) if labels is not None else None,
                 psnr_db=float(p.mean()), ssim=float(ssim(images, ref.images).mean()),
                 pixel_rmse=float(np.sqrt(((images - ref.images) ** 2).mean())))
+
+
+def bootstrap_fd_std(a: np.ndarray, b: np.ndarray, rounds: int = 20, seed: int = 0) -> float:
+    """Standard deviation of the paired-set Fréchet distance over bootstrap resamples of the sample
+    pairs: how far apart two rows of a comparison must be to mean anything."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(rounds):
+        i = rng.integers(0, len(a), len(a))
+        vals.append(frechet_distance(a[i], b[i]))
+    return float(np.std(vals))
 
 
 def evaluate(artifact_path, cfg: FidelityConfig = FidelityConfig(), extractor: FeatureExtractor | None = None,
@@ -122,7 +134,8 @@ def evaluate(artifact_path, cfg: FidelityConfig = FidelityConfig(), extractor: F
     return report, reference
 
 
-METRIC_ROWS = (("fd_to_fp32", "FD to FP32", "{:.4f}"), ("seed_floor", "seed floor (FP32 vs FP32)", "{:.3f}"),
+METRIC_ROWS = (("fd_to_fp32", "FD to FP32", "{:.4f}"), ("fd_to_fp32_bootstrap_std", "  ± bootstrap std", "{:.4f}"),
+               ("seed_floor", "seed floor (FP32 vs FP32)", "{:.3f}"),
                ("fd_to_fp32_pct_floor", "FD to FP32, % of floor", "{:.2f}%"), ("fd_to_real", "FD to real", "{:.3f}"),
                ("fd_fp32_to_real", "FD FP32 to real", "{:.3f}"), ("label_agreement", "label agreement", "{:.2%}"),
                ("psnr_db", "PSNR vs FP32 (dB)", "{:.2f}"), ("ssim", "SSIM vs FP32", "{:.4f}"))
