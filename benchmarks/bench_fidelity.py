@@ -6,7 +6,9 @@ At W8A8 and W4A8 on digits16-ddpm, each row adds one thing to the previous one:
   ORT quantize_static (Conv/MatMul/Gemm, MinMax, QDQ — the deployment baseline)
   → K=1 static (ours: one min/max range per tensor, per-channel weights, attention matmuls, one
     range for each skip concatenation) → per-time-step tables (K=8) → + split shortcuts →
-  + MSE clipping → + per-group zero points → + ε correction → (W4) + learned rounding.
+  + MSE clipping → + per-group zero points → + ε correction → (W4) + learned rounding;
+  then what `qexport convert --bits N` gives by default (shared zero points, correction when it
+  helps on held-out seeds, learned rounding at 4 bits), and weights-only references.
 Every row is a real artifact (`convert`) judged by `qexport eval`'s metrics on its integer graph
 against the FP32 graph, same seeds (DDIM-50, 512 samples by default), the FP32 side computed once.
 All rows share one calibration run (statistics), so they differ only in what the row changes.
@@ -53,6 +55,9 @@ for bits in (8, 4):
                       dict(correction="on", rounding="learned")))
     ROWS.append((f"{w}-ort", "ORT quantize_static", bits, None, None))
     ROWS += [(f"{w}-{i}", label, bits, t, c) for i, label, t, c in chain]
+    ROWS.append((f"{w}-default", "`qexport convert` defaults", bits,
+                 dict(groups=8, method="mse", split_concat=True, zero_point="shared"),
+                 dict(correction="auto", rounding=None)))
 
 
 def table_for(stats, model, calib: dict, bits: int, fields: dict):
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
     from qexport.export.pipeline import convert
     from qexport.tables.schema import QuantTable
     from qexport.zoo.loading import load_model
+    from qexport_runtime.artifact import load_artifact
 
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
@@ -172,6 +178,9 @@ def main(argv=None) -> int:
             table.save(tdir)
             convert(MAIN, out, bits=bits, tables=tdir, overwrite=True, progress=False, threads=args.threads, **kw)
             extra = dict(table=fields, **kw)
+            corr = load_artifact(out).manifest.extra.get("correction")
+            if corr:
+                extra["correction_auto_decision"] = dict(enabled=corr["enabled"], heldout_gain=corr["heldout_gain"])
         rep, ref = evaluate(out, cfg, ext, reference=ref, progress=False)
         rep.pop("_images")
         report.setdefault("seed_floor", rep["seed_floor"])

@@ -56,9 +56,11 @@ class RoundingConfig:
     warmup: float = 0.2              # share of iterations without regulariser
     beta: tuple[float, float] = (20.0, 2.0)   # β annealed linearly from first to second after warm-up
     sequential: bool = True          # x̃ from the already-quantized preceding layers (else FP32 inputs)
-    quant_inputs: bool = False       # also fake-quantize activations (table's parameters) when collecting x̃
+    quant_inputs: bool = True        # x̃ also has fake-quantized activations (table's parameters), as deployed
     chunk: int = 64                  # images per chunk when accumulating second moments (memory)
-    threads: int | None = None       # torch threads during the run (None: leave as is)
+    threads: int | None = 1          # torch threads during the run (None: leave as is). One by default: the
+                                     # per-layer problems are small, and with 2 threads on 2 busy cores
+                                     # OpenMP waits made runs ~10× slower (measured)
 
     def __post_init__(self):
         if not self.bits or any(b not in (4, 8) for b in self.bits):
