@@ -58,11 +58,13 @@ def trajectory_state(model, t: int, n: int = 4) -> np.ndarray:
 
 
 def test_onnx_matches_simulated_quantization(built):
-    """Tolerance: ONNX and torch round the same values but accumulate in different orders, so a value
-    lying on a rounding boundary may land one quantization step apart and propagate. We require the
-    ONNX-vs-simulation difference to be small against the quantization error itself: on average
-    ≤ 25% of mean |sim − FP32|, and nowhere larger than the largest |sim − FP32|."""
+    """ONNX and torch round the same values but accumulate in different orders, so a value lying on a
+    rounding boundary may land one quantization step apart; through GroupNorm (per-sample
+    statistics) or the time embedding one such flip moves that whole sample. We require: most
+    samples match the simulation exactly (≤ 1e-4), at most a quarter of all samples see a flip, and
+    no difference is larger than the largest quantization error |sim − FP32| itself."""
     model, table, _, qdq, _ = built
+    flipped = total = 0
     for t in CHECK_T:
         x = trajectory_state(model, t)
         with simulated(model.unet, table), torch.no_grad():
@@ -71,9 +73,13 @@ def test_onnx_matches_simulated_quantization(built):
             fp = model.unet(torch.from_numpy(x), torch.tensor([t])).sample.numpy()
         got = run(qdq, x, t)
         diff, qerr = np.abs(got - sim), np.abs(sim - fp)
-        print(f"t={t}: mean |onnx-sim| {diff.mean():.2e} max {diff.max():.2e}; mean |sim-fp32| {qerr.mean():.2e} "
-              f"max {qerr.max():.2e}")
-        assert diff.mean() <= 0.25 * qerr.mean() and diff.max() <= qerr.max(), t
+        per_sample = diff.reshape(len(x), -1).max(axis=1)
+        print(f"t={t}: per-sample max |onnx-sim| {np.array2string(per_sample, precision=2)}; "
+              f"mean |sim-fp32| {qerr.mean():.2e} max {qerr.max():.2e}")
+        assert diff.max() <= qerr.max(), t
+        flipped += int((per_sample > 1e-4).sum())
+        total += len(x)
+    assert flipped <= total // 4, f"{flipped} of {total} samples differ from the simulation"
 
 
 def test_lookup_selects_the_right_group_for_every_t(built):
