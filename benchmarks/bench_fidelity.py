@@ -49,10 +49,10 @@ for bits in (8, 4):
                                                     zero_point="per-group"), dict(correction="off", rounding="nearest")),
              ("corr", "+ ε correction", dict(BASE, groups=8, split_concat=True, method="mse", zero_point="per-group"),
               dict(correction="on", rounding="nearest"))]
-    if bits == 4:
-        chain.append(("round", "+ learned rounding", dict(BASE, groups=8, split_concat=True, method="mse",
-                                                          zero_point="per-group"),
-                      dict(correction="on", rounding="learned")))
+    # learned rounding: the W4 fix, measured at W8 too
+    chain.append(("round", "+ learned rounding", dict(BASE, groups=8, split_concat=True, method="mse",
+                                                      zero_point="per-group"),
+                  dict(correction="on", rounding="learned")))
     ROWS.append((f"{w}-ort", "ORT quantize_static", bits, None, None))
     ROWS += [(f"{w}-{i}", label, bits, t, c) for i, label, t, c in chain]
     ROWS.append((f"{w}-default", "`qexport convert` defaults", bits,
@@ -228,6 +228,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def ordered(report: dict) -> list[tuple[str, dict]]:
+    """Rows in ablation order (W8 first, weights-only references last in each bit-width)."""
+    ids = [r[0] for r in ROWS]
+    key = {rid: (int(rid[1]) != 8, ids.index(rid) if rid in ids else len(ids)) for rid in report["rows"]}
+    return sorted(report["rows"].items(), key=lambda kv: key[kv[0]])
+
+
 def write_markdown(report: dict) -> None:
     s = report["settings"]
     lines = [f"# Fidelity ablation: {s['model']}, DDIM-{s['steps']}, {s['samples']} samples vs the FP32 graph",
@@ -236,7 +243,7 @@ def write_markdown(report: dict) -> None:
              "between rows are noise.", "",
              "| row | W | FD to FP32 | ± | % of floor | label agreement | PSNR dB | SSIM | FD to real |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for rid, r in report["rows"].items():
+    for rid, r in ordered(report):
         lines.append(f"| {r['label']} | {r['bits']} | {r['fd_to_fp32']:.4f} | {r.get('fd_to_fp32_bootstrap_std', float('nan')):.4f} | "
                      f"{r['fd_to_fp32_pct_floor']:.2f}% | "
                      f"{r['label_agreement']:.2%} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['fd_to_real']:.2f} |")
@@ -257,7 +264,7 @@ def plot_bars(report: dict) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 7))
     for col, bits in enumerate((8, 4)):
-        rows = [(r["label"], r) for r in report["rows"].values() if r["bits"] == bits]
+        rows = [(r["label"], r) for _, r in ordered(report) if r["bits"] == bits]
         names = [n for n, _ in rows]
         y = np.arange(len(rows))
         axes[0, col].barh(y, [r["fd_to_fp32_pct_floor"] for _, r in rows], color="tab:blue")

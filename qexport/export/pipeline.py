@@ -169,9 +169,10 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
         table, _ = calibrate(model, cfg, progress=progress)
     stages.update(1)
     if rounding == "learned" and not table.weight_int:
-        from ..calibrate.rounding import learn_weight_rounding
+        from ..calibrate.rounding import RoundingConfig, learn_weight_rounding
 
-        table = dataclasses.replace(table, weight_int=learn_weight_rounding(model, table, progress=progress))
+        ints = learn_weight_rounding(model, table, RoundingConfig(bits=(bits,)), progress=progress)
+        table = dataclasses.replace(table, weight_int=ints)
         stages.update(1)
     with ArtifactWriter(out, overwrite=overwrite) as w, tempfile.TemporaryDirectory() as tmp:
         marked = marked_graph(model, Path(tmp))
