@@ -14,7 +14,8 @@ against the FP32 graph, same seeds (DDIM-50, 512 samples by default), the FP32 s
 All rows share one calibration run (statistics), so they differ only in what the row changes.
 Writes benchmarks/results/fidelity_ablation.{json,md}, a bar chart fidelity_ablation.png and the
 error-accumulation plot error_accumulation.png (static K=1 vs per-step tables vs + correction).
-Rows are saved as they finish; a rerun skips rows already in the JSON (pass --fresh to redo all).
+Rows are saved as they finish; a rerun skips rows already in the JSON (--rows ID... redoes those,
+--fresh redoes all).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", nargs="*", help="row ids to run (default: all)")
+    p.add_argument("--rows", nargs="*", help="row ids to (re)compute (default: all rows not yet in the JSON)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "qexport-bench" / "ablation"))
     p.add_argument("--fresh", action="store_true", help="recompute rows already in the JSON")
     args = p.parse_args(argv)
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     ref = None
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
     for rid, label, bits, fields, kw in tqdm(rows, desc="ablation"):
-        if rid in report["rows"] and not args.fresh:
+        if rid in report["rows"] and not (args.fresh or args.rows):   # rows named in --rows are redone
             continue
         t1 = time.perf_counter()
         out = work / rid
