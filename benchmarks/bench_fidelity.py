@@ -273,7 +273,7 @@ def plot_bars(report: dict) -> None:
         axes[0, col].set(title=f"W{bits}A8: FD to FP32, % of seed floor (lower is better)", xscale="log")
         axes[1, col].barh(y, [100 * r["label_agreement"] for _, r in rows], color="tab:green")
         axes[1, col].axvline(98 if bits == 8 else 90, color="red", ls="--", label="target")
-        axes[1, col].set(title=f"W{bits}A8: label agreement with FP32, %", xlim=(50, 100))
+        axes[1, col].set(title=f"W{bits}A8: label agreement with FP32, %", xlim=(50 if bits == 8 else 0, 100))
         for ax in axes[:, col]:
             ax.set_yticks(y, names, fontsize=8)
             ax.invert_yaxis()
