@@ -42,8 +42,9 @@ class FidelityConfig:
 
 
 def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: int,
-               correction: bool | None = None, desc: str = "", progress: bool = True) -> np.ndarray:
-    """`cfg.samples` images in batches; batch i uses seed `seed + i` (the same for every graph)."""
+               correction: bool | None = None, desc: str = "", progress: bool = True) -> tuple[np.ndarray, bool]:
+    """`cfg.samples` images in batches (batch i uses seed `seed + i`, the same for every graph), and
+    whether the ε correction was applied."""
     from tqdm import tqdm
 
     sampler = Sampler(artifact, role=role, scheduler=cfg.scheduler, threads=cfg.threads,
@@ -52,7 +53,7 @@ def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: 
     for i, start in enumerate(tqdm(range(0, cfg.samples, cfg.batch), desc=desc, disable=not progress, leave=False)):
         n = min(cfg.batch, cfg.samples - start)
         out.append(sampler.sample(cfg.steps, batch=n, seed=seed + i).images.copy())
-    return np.concatenate(out)
+    return np.concatenate(out), sampler.correction is not None
 
 
 @dataclass
@@ -79,8 +80,8 @@ def _fp32_sha(artifact: Artifact) -> str:
 
 def fp32_reference(artifact: Artifact, cfg: FidelityConfig, extractor: FeatureExtractor,
                    progress: bool = True) -> Reference:
-    images = sample_set(artifact, "fp32", cfg, cfg.seed, desc="fp32 samples", progress=progress)
-    floor = sample_set(artifact, "fp32", cfg, cfg.seed + FLOOR_SEED_OFFSET, desc="fp32 floor", progress=progress)
+    images, _ = sample_set(artifact, "fp32", cfg, cfg.seed, desc="fp32 samples", progress=progress)
+    floor, _ = sample_set(artifact, "fp32", cfg, cfg.seed + FLOOR_SEED_OFFSET, desc="fp32 floor", progress=progress)
     f, ff = extractor.features(images), extractor.features(floor)
     return Reference(images, floor, f, ff, extractor.labels(images), frechet_distance(f, ff), _fp32_sha(artifact), cfg)
 
@@ -121,9 +122,8 @@ def evaluate(artifact_path, cfg: FidelityConfig = FidelityConfig(), extractor: F
     if reference is None or not reference.matches(artifact, cfg):
         reference = fp32_reference(artifact, cfg, extractor, progress)
     sampler_role = cfg.role or next(r for r in ("int", "qdq", "static-group") if artifact.manifest.files_with_role(r))
-    images = sample_set(artifact, sampler_role, cfg, cfg.seed, cfg.correction, desc=f"{sampler_role} samples",
-                        progress=progress)
-    corr = Sampler(artifact, role=sampler_role, correction=cfg.correction).correction is not None
+    images, corr = sample_set(artifact, sampler_role, cfg, cfg.seed, cfg.correction, desc=f"{sampler_role} samples",
+                              progress=progress)
     m = artifact.manifest
     report = dict(artifact=str(artifact.path), graph=artifact.graph(sampler_role).name, method=m.method,
                   bits=m.bits, groups=m.groups, correction_applied=corr, extractor=extractor.name,
