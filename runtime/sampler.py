@@ -44,6 +44,15 @@ def absorb(sched, residual_var: float) -> dict:
     return dict(model_output_variance=residual_var) if stochastic else {}
 
 
+def denoise_step(sched, eps: np.ndarray, t: int, x: np.ndarray, rng: np.random.Generator,
+                 correction=None) -> np.ndarray:
+    """x_t → x_{t-1} from the graph's ε, through the artifact's ε correction when one is given."""
+    if correction is None:
+        return sched.step(eps, t, x, rng=rng).prev_sample
+    eps, residual_var = correction.apply(eps, t)
+    return sched.step(eps, t, x, rng=rng, **absorb(sched, residual_var)).prev_sample
+
+
 class Sampler:
     def __init__(self, artifact: Artifact, role: str | None = None, scheduler: str = "ddim",
                  threads: int | None = None, correction: bool | None = None, **scheduler_overrides):
@@ -73,11 +82,7 @@ class Sampler:
             t0 = time.perf_counter()
             eps = self.session(x, int(t))
             step_s.append(time.perf_counter() - t0)
-            if self.correction is not None:
-                eps, residual_var = self.correction.apply(eps, int(t))
-                x = sched.step(eps, int(t), x, rng=rng, **absorb(sched, residual_var)).prev_sample
-            else:
-                x = sched.step(eps, int(t), x, rng=rng).prev_sample
+            x = denoise_step(sched, eps, int(t), x, rng, self.correction)
             if return_trajectory:
                 traj.append(x.copy())
         loop = time.perf_counter() - t_loop

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from qexport_runtime.artifact import load_artifact
-from qexport_runtime.sampler import Sampler
+from qexport_runtime.sampler import Sampler, initial_noise
 
 
 def error_curves(artifact_path, *, role: str | None = None, samples: int = 64, steps: int = 50,
@@ -28,7 +28,7 @@ def error_curves(artifact_path, *, role: str | None = None, samples: int = 64, s
     res = q.sample(steps, batch=samples, seed=seed, return_trajectory=True)
     traj = np.sqrt(((res.trajectory - ref.trajectory) ** 2).reshape(len(ref.timesteps), -1).mean(axis=1))
     # single-step error on the FP32 trajectory: inputs are x_T, then the FP32 loop's x_t
-    inputs = np.concatenate([_x_T(art, samples, seed)[None], ref.trajectory[:-1]])
+    inputs = np.concatenate([initial_noise((1, samples, *art.manifest.sample_shape), seed), ref.trajectory[:-1]])
     eps = []
     for t, x in zip(ref.timesteps, inputs):
         e_fp = fp.session(x, int(t)).copy()
@@ -40,12 +40,6 @@ def error_curves(artifact_path, *, role: str | None = None, samples: int = 64, s
                 correction_applied=q.correction is not None, timesteps=ref.timesteps.tolist(),
                 trajectory_rmse=traj.tolist(), eps_rmse=eps, final_rmse=float(traj[-1]), samples=samples,
                 steps=steps, scheduler=scheduler, seed=seed)
-
-
-def _x_T(art, samples: int, seed: int) -> np.ndarray:
-    from qexport_runtime.sampler import initial_noise
-
-    return initial_noise((samples, *art.manifest.sample_shape), seed)
 
 
 def plot_curves(curves: dict[str, dict], path: str | Path, title: str = "") -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qexport_runtime.correction import Correction, fit_step
-from qexport_runtime.sampler import initial_noise
+from qexport_runtime.sampler import denoise_step, initial_noise
 from qexport_runtime.schedulers import make_scheduler
 from qexport_runtime.session import UNetSession
 
@@ -78,8 +78,6 @@ def final_image_error(int_graph: Path, fp32_graph: Path, scheduler_config: dict,
                       corr: Correction, cfg: CorrectionConfig, threads: int | None = None) -> tuple[float, float]:
     """RMS of the integer loop's final images vs the FP32 loop's, without and with `corr`, on
     `cfg.heldout` seeds disjoint from the fitting trajectories."""
-    from qexport_runtime.sampler import absorb
-
     sessions = [UNetSession(fp32_graph, threads=threads), UNetSession(int_graph, threads=threads)]
     finals = []
     for k, use in ((0, False), (1, False), (1, True)):
@@ -88,12 +86,7 @@ def final_image_error(int_graph: Path, fp32_graph: Path, scheduler_config: dict,
         x = initial_noise((cfg.heldout, *sample_shape), cfg.seed + 1)
         rng = np.random.default_rng(cfg.seed + 2)
         for t in sched.timesteps:
-            eps = sessions[k](x, int(t))
-            if use:
-                eps, var = corr.apply(eps, int(t))
-                x = sched.step(eps, int(t), x, rng=rng, **absorb(sched, var)).prev_sample
-            else:
-                x = sched.step(eps, int(t), x, rng=rng).prev_sample
+            x = denoise_step(sched, sessions[k](x, int(t)), int(t), x, rng, corr if use else None)
         finals.append(x)
     rms = [float(np.sqrt(((f - finals[0]) ** 2).mean())) for f in finals[1:]]
     return rms[0], rms[1]
