@@ -163,7 +163,8 @@ def test_first_last_layers_stay_8bit(tiny_stats):
     model, _, stats = tiny_stats
     from qexport.calibrate.api import unet_weights
 
-    table = build_table(stats, 1000, unet_weights(model.unet), TableConfig(groups=2, weight_bits=4))
+    table = build_table(stats, 1000, unet_weights(model.unet),
+                        TableConfig(groups=2, weight_bits=4, quantize_first_last=True))
     assert table.weight_bits["conv_in"] == 8 and table.weight_bits["conv_out"] == 8
     assert table.weight_bits["down_blocks.0.resnets.0.conv1"] == 4
 

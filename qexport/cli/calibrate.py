@@ -25,6 +25,10 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="one zero point per tensor (integer kernels' fast path) or one per time-step group")
     g.add_argument("--no-split", action="store_true",
                    help="quantize skip concatenations as one tensor (default: each part with its own range)")
+    g.add_argument("--quantize-first-last", action="store_true",
+                   help="quantize conv_in / conv_out too (default: they stay float, see README)")
+    g.add_argument("--no-saturation-safe", action="store_true",
+                   help="plain int8 weights: correct only on VNNI / ARM CPUs, wrong on x86 AVX2 (see README)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
 
 
@@ -43,6 +47,10 @@ def calibration_config(args: argparse.Namespace, **forced):
         table["zero_point"] = args.zero_point
     if getattr(args, "no_split", False):
         table["split_concat"] = False
+    if getattr(args, "quantize_first_last", False):
+        table["quantize_first_last"] = True
+    if getattr(args, "no_saturation_safe", False):
+        table["saturation_safe"] = False
     if getattr(args, "method", None) is not None:
         rng["method"] = args.method
     for k, v in forced.items():

@@ -2,7 +2,8 @@
 
 Steps: (1) each calibrated time step's range by the chosen method on its own histogram; (2) the
 K-group partition of the time-step axis (tables.grouping); (3) each group's range by the method on
-the group's merged histogram, → uint8 scale / zero point; (4) weight scales per output channel.
+the group's merged histogram, → uint8 scale / zero point; (4) weight scales per output channel
+(saturation-safe at 8 bits: tables.weights).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .grouping import group_of_t, partition, segment_costs
 from .ranges import RangeConfig, affine_params, range_from_hist, shared_zero_point_params
 from .schema import QuantTable
 from .stats import ActivationStats
-from .weights import weight_scales
+from .weights import saturation_safe_scales, weight_scales
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,8 +27,11 @@ class TableConfig:
     weight_mse: bool | None = None   # MSE-optimal weight clipping; None: at 4 bits only (at 8 bits the
                                      # clipped outliers cost more along the sampling loop than rounding saves)
     first_last_8bit: bool = True     # keep conv_in / conv_out weights at 8 bits when weight_bits=4
+    quantize_first_last: bool = False  # False: conv_in / conv_out stay float (8-bit x_t alone was 55% of the
+                                       # W8A8 ε error; the two are a negligible share of the MACs)
     zero_point: str = "shared"       # "shared": one zero point per site (fast integer kernels); "per-group"
     split_concat: bool = True        # quantize each part of a skip concatenation with its own range
+    saturation_safe: bool = True     # integer weights no CPU kernel can saturate (tables.weights.saturation_safe)
 
     def __post_init__(self):
         if self.groups < 1:
@@ -70,18 +74,28 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
         scale, zp = shared_zero_point_params(lo, hi, cfg.range.bits)
     else:
         scale, zp = affine_params(lo, hi, cfg.range.bits)
+    float_modules = () if cfg.quantize_first_last else tuple(first_last)
+    weights = {m: w for m, w in weights.items() if m not in float_modules}
     wbits = {m: (8 if (m in first_last and cfg.first_last_8bit) else cfg.weight_bits) for m in weights}
     wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse if cfg.weight_mse is not None else wbits[m] == 4)
               for m, w in weights.items()}
+    if cfg.saturation_safe:  # 4-bit pairs (|q| ≤ 7) can never overflow
+        wscale = {m: saturation_safe_scales(weights[m], s) if wbits[m] == 8 else s for m, s in wscale.items()}
     calib = dict(calibration or {})
     calib.update(table=dict(groups_requested=cfg.groups, range=asdict(cfg.range), weight_bits=cfg.weight_bits,
                             weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit,
-                            zero_point=cfg.zero_point, split_concat=cfg.split_concat))
-    return QuantTable(sites=stats.sites, group_of_t=group_of_t(stats.timesteps, group, num_train_timesteps),
-                      range_lo=lo, range_hi=hi, scale=scale, zero_point=zp, act_bits=cfg.range.bits,
-                      method=cfg.range.method, weight_scale=wscale, weight_bits=wbits, calibration=calib,
-                      timesteps=stats.timesteps, t_min=stats.min.astype(np.float32),
-                      t_max=stats.max.astype(np.float32))
+                            quantize_first_last=cfg.quantize_first_last,
+                            zero_point=cfg.zero_point, split_concat=cfg.split_concat,
+                            saturation_safe=cfg.saturation_safe))
+    keep = [i for i, site in enumerate(stats.sites) if not any(site == m or site.startswith(m + ".")
+                                                               for m in float_modules)]
+    return QuantTable(sites=tuple(stats.sites[i] for i in keep),
+                      group_of_t=group_of_t(stats.timesteps, group, num_train_timesteps),
+                      range_lo=lo[:, keep], range_hi=hi[:, keep], scale=scale[:, keep], zero_point=zp[:, keep],
+                      act_bits=cfg.range.bits, method=cfg.range.method, weight_scale=wscale, weight_bits=wbits,
+                      calibration=calib, timesteps=stats.timesteps, t_min=stats.min[keep].astype(np.float32),
+                      t_max=stats.max[keep].astype(np.float32), saturation_safe=cfg.saturation_safe,
+                      float_modules=float_modules)
 
 
 def union_concat_parts(sites, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,9 @@ Activation parameters are indexed by the raw training time step t: `g = group_of
 `scale[g, i]` / `zero_point[g, i]` for site `sites[i]` (uint8 affine). Weight scales are per output
 channel, keyed by module name (`weight_scale[module]`, symmetric, `weight_bits[module]` ∈ {4, 8}).
 Integer weights are round-to-nearest of `w / scale` unless `weight_int[module]` holds learned
-rounding (integers in the module's own layout, output channels first), which then wins.
+rounding (integers in the module's own layout, output channels first), which then wins. With
+`saturation_safe` (the default) the integers are then encoded so that no CPU's kernel saturates
+(tables.weights.saturation_safe); export and simulation both read them through `int_weight`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class QuantTable:
     t_min: np.ndarray | None = None       # [S, n] observed minimum per calibrated time step
     t_max: np.ndarray | None = None       # [S, n]
     weight_int: dict = field(default_factory=dict)   # module -> int8 array (learned rounding), optional
+    saturation_safe: bool = True                     # no same-sign input-weight pair with |a| + |b| > 128
+    float_modules: tuple = ()                        # Conv/Linear modules left unquantized (no sites, no weights)
 
     def __post_init__(self):
         K, S = self.scale.shape
@@ -53,14 +57,19 @@ class QuantTable:
     def int_weight(self, module: str, w: np.ndarray) -> np.ndarray:
         """Integer weights of `module` (layout of `w`, output channels first): learned rounding when
         the table holds it, else round-to-nearest of `w / scale`."""
-        from .weights import quantize_weight
+        from .weights import quantize_weight, saturation_safe
 
+        scale = self.weight_scale[module]
         learned = self.weight_int.get(module)
         if learned is not None:
             if learned.shape != w.shape:
                 raise ValueError(f"{module}: learned integer weights {learned.shape} do not match weight {w.shape}")
-            return learned.astype(np.int8)
-        return quantize_weight(w, self.weight_scale[module], int(self.weight_bits[module]))
+            q = learned.astype(np.int8)
+        else:
+            q = quantize_weight(w, scale, int(self.weight_bits[module]))
+        if self.saturation_safe:
+            q, _ = saturation_safe(q, w / scale.reshape(-1, *([1] * (w.ndim - 1))))
+        return q
 
     @property
     def groups(self) -> int:
@@ -69,6 +78,10 @@ class QuantTable:
     @property
     def num_train_timesteps(self) -> int:
         return int(self.group_of_t.shape[0])
+
+    def is_float(self, site: str) -> bool:
+        """Whether `site` belongs to a module the table leaves in float (`float_modules`)."""
+        return any(site == m or site.startswith(m + ".") for m in self.float_modules)
 
     def site_index(self, site: str) -> int:
         return self.sites.index(site)
@@ -103,8 +116,8 @@ class QuantTable:
         save_file(self.arrays(), str(folder / TABLES_ARRAYS))
         index = dict(schema=SCHEMA, qexport_version=__version__, sha256=self.digest(), sites=list(self.sites),
                      groups=self.groups, num_train_timesteps=self.num_train_timesteps, act_bits=self.act_bits,
-                     method=self.method, weight_bits=self.weight_bits, calibration=self.calibration,
-                     summary=summary or {})
+                     method=self.method, weight_bits=self.weight_bits, saturation_safe=self.saturation_safe,
+                     float_modules=list(self.float_modules), calibration=self.calibration, summary=summary or {})
         (folder / TABLES_JSON).write_text(json.dumps(index, indent=2))
 
     @classmethod
@@ -126,7 +139,9 @@ class QuantTable:
                     range_hi=arr["range_hi"], scale=arr["scale"], zero_point=arr["zero_point"],
                     act_bits=index["act_bits"], method=index["method"], weight_scale=ws,
                     weight_bits=index["weight_bits"], calibration=index["calibration"],
-                    timesteps=arr.get("timesteps"), t_min=arr.get("t_min"), t_max=arr.get("t_max"), weight_int=wi)
+                    timesteps=arr.get("timesteps"), t_min=arr.get("t_min"), t_max=arr.get("t_max"), weight_int=wi,
+                    saturation_safe=bool(index.get("saturation_safe", True)),
+                    float_modules=tuple(index.get("float_modules", ())))
         if table.digest() != index["sha256"]:
             raise QexportError(f"{folder}: arrays do not match the sha256 in {TABLES_JSON}; recalibrate")
         return table

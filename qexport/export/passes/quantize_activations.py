@@ -22,7 +22,8 @@ class QuantizeActivations:
 
     def requires(self, model: onnx.ModelProto) -> None:
         sites = {tap_site(n) for n in model.graph.node if is_tap(n)}
-        missing = sorted(s for s in sites if not self.params.has(s) and not s.endswith(".out"))
+        missing = sorted(s for s in sites if not self.params.has(s) and not s.endswith(".out")
+                         and not self.params.table.is_float(s))
         if missing:
             raise ValueError(f"{len(missing)} sites of the graph have no table entry (e.g. {missing[:3]}); "
                              f"the tables were calibrated on another model — recalibrate")
