@@ -2,6 +2,7 @@
 
     python -m qexport_runtime sample ARTIFACT --steps 50 --batch 16 -o out/
     python -m qexport_runtime bench ARTIFACT [ARTIFACT ...] --steps 20 --batch 1 --threads 4 --json bench.json
+    python -m qexport_runtime check ARTIFACT [--json check.json]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import ArtifactError, load_artifact
+from .cpu import kernel_path
 from .images import grid, write_png
 from .schedulers import SCHEDULERS
 
@@ -23,7 +25,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     art = load_artifact(args.artifact)
     sampler = Sampler(art, role=args.graph, scheduler=args.scheduler, threads=args.threads,
-                      correction={"auto": None, "on": True, "off": False}[args.correction])
+                      correction={"auto": None, "on": True, "off": False}[args.correction], strict=args.strict)
     res = sampler.sample(args.steps, batch=args.batch, seed=args.seed)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,11 +35,35 @@ def _sample(args: argparse.Namespace) -> int:
                    correction_applied=sampler.correction is not None,
                    steps=args.steps, batch=args.batch, seed=args.seed,
                    step_ms_median=float(np.median(res.step_seconds) * 1e3),
-                   loop_seconds=res.loop_seconds, python_overhead=res.python_overhead)
+                   loop_seconds=res.loop_seconds, python_overhead=res.python_overhead,
+                   cpu=kernel_path().to_dict(), check=sampler.check.to_dict() if sampler.check else None)
     (out / "sample.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out/'samples.png'} and {out/'samples.npy'} ({args.batch} images, {args.steps} steps, "
           f"{summary['step_ms_median']:.1f} ms/step, graph {sampler.graph_path.name})")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .sampler import self_check
+    from .session import UNetSession
+
+    art = load_artifact(args.artifact)
+    path = kernel_path()
+    print(f"CPU: {path.isa} [{', '.join(path.features) or 'no flags'}; from {path.source}]")
+    print(f"int8 kernel path: {path.u8s8}" + (" (saturating)" if path.saturates else ""))
+    sat = art.manifest.extra.get("saturation")
+    if sat:
+        print(f"artifact weights: {sat['encoding']}, {sat['unsafe_pairs']} unsafe pairs, largest same-sign pair "
+              f"{sat['max_same_sign_pair']} (limit {sat['limit']})")
+    role = args.graph or next((r for r in art.graph_roles if r != "fp32"), "fp32")
+    result = self_check(art, UNetSession(art.graph(role), threads=args.threads))
+    if result is None:
+        raise ArtifactError(f"artifact {art.path} has no golden probes; re-convert it with this qexport to check it")
+    print(result.table())
+    print(f"verdict ({result.graph}): {result.verdict}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(cpu=path.to_dict(), check=result.to_dict()), indent=2))
+    return 0 if result.ok else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -45,7 +71,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     roles = args.graphs.split(",") if args.graphs else None
     report = bench(args.artifacts, roles=roles, steps=args.steps, batch=args.batch, threads=args.threads,
-                   scheduler=args.scheduler, memory=not args.no_memory)
+                   scheduler=args.scheduler, memory=not args.no_memory, strict=args.strict)
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -62,6 +88,7 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--graphs", help="comma-separated roles to run (default: int or qdq, and fp32)")
     b.add_argument("--json", help="write the report here")
     b.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    b.add_argument("--strict", action="store_true", help="refuse a graph that fails its load-time self-check")
     b.set_defaults(func=_bench)
 
 
@@ -80,7 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--correction", choices=["auto", "on", "off"], default="auto",
                    help="the artifact's per-step ε correction: auto = as the artifact says (default)")
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG grid")
+    s.add_argument("--strict", action="store_true",
+                   help="refuse to sample when the integer graph fails its load-time self-check on this CPU")
     s.set_defaults(func=_sample)
+    c = sub.add_parser("check", help="this CPU's int8 kernel path and the artifact's golden-probe self-check "
+                                     "(exit 1 when the integer graph deviates)")
+    c.add_argument("artifact")
+    c.add_argument("--graph", default=None, help="graph role to check (default: the integer graph)")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--json", help="write the result here")
+    c.set_defaults(func=_check)
     add_bench_arguments(sub.add_parser("bench", help="latency, memory and size of an artifact's graphs"))
     return p
 

@@ -5,6 +5,8 @@ reference), sessions are created in this process and the sampling loop is run wi
 *interleaved step by step* (so a noisy machine slows them alike); after a warm-up, per-step
 latency (median, p90), per-image latency and the Python loop overhead are recorded. Peak resident
 memory is the high-water mark (VmHWM) of a fresh process per graph that loads it and runs the loop.
+Quantized graphs first run the artifact's golden-probe self-check (runtime.probes): the report names
+this CPU's int8 kernel path and each graph's verdict, and `strict` refuses a deviating graph.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import load_artifact
-from .sampler import initial_noise
+from .cpu import kernel_path
+from .sampler import initial_noise, self_check
 from .schedulers import make_scheduler
 from .session import UNetSession
 
@@ -37,8 +40,10 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
+    path = kernel_path()
     return dict(cpu=cpu, arch=platform.machine(), cores=os.cpu_count(), onnxruntime=ort.__version__,
-                providers=ort.get_available_providers(), python=platform.python_version())
+                providers=ort.get_available_providers(), python=platform.python_version(), isa=path.isa,
+                int8_kernel_path=path.u8s8, int8_path_saturates=path.saturates)
 
 
 def vm_hwm_mb() -> float:
@@ -63,15 +68,18 @@ def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> fl
 
 
 def bench(artifacts: list[str], roles: list[str] | None = None, steps: int = 20, batch: int = 1,
-          threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True) -> dict:
+          threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True,
+          strict: bool = False) -> dict:
     entries = []
     for a in artifacts:
         art = load_artifact(a)
         want = roles or [next(r for r in ("int", "qdq") if art.manifest.files_with_role(r)), "fp32"]
         for role in want:
             path = art.graph(role)
+            session = UNetSession(path, threads=threads)
+            check = self_check(art, session, strict) if role != "fp32" else None
             entries.append(dict(name=f"{Path(a).name}:{role}", file=str(path), role=role, art=art,
-                                session=UNetSession(path, threads=threads)))
+                                session=session, check=check.to_dict() if check else None))
     m = entries[0]["art"].manifest
     shape = (batch, *m.sample_shape)
     sched = make_scheduler(scheduler, m.scheduler)
@@ -106,7 +114,7 @@ def bench(artifacts: list[str], roles: list[str] | None = None, steps: int = 20,
             peak_rss_mb=fresh_process_peak(Path(e["file"]), shape, min(steps, 5), threads) if memory else None,
             bytes=Path(e["file"]).stat().st_size,
             loop_overhead_pct=100 * (1 - sum(per[n]) / loop[n]),
-            speedup_vs_fp32=float(fp32_med / med) if fp32_med else None))
+            speedup_vs_fp32=float(fp32_med / med) if fp32_med else None, check=e["check"]))
     return dict(machine=machine_info(), settings=dict(steps=steps, batch=batch, threads=threads, warmup=warmup,
                                                       scheduler=scheduler, interleaved=True), results=results)
 
@@ -114,12 +122,14 @@ def bench(artifacts: list[str], roles: list[str] | None = None, steps: int = 20,
 def table(report: dict) -> str:
     mi, st = report["machine"], report["settings"]
     lines = [f"{mi['cpu']} ({mi['arch']}, {mi['cores']} cores), onnxruntime {mi['onnxruntime']}; "
-             f"{st['steps']} {st['scheduler']} steps, batch {st['batch']}, threads {st['threads']}",
+             f"{st['steps']} {st['scheduler']} steps, batch {st['batch']}, threads {st['threads']}; "
+             f"int8 path {mi['isa']}",
              f"{'graph':<34} {'step ms':>8} {'p90':>8} {'ms/img':>9} {'load ms':>8} {'peak MB':>8} {'MB file':>8} "
-             f"{'loop %':>6} {'x fp32':>7}"]
+             f"{'loop %':>6} {'x fp32':>7} check"]
     for r in report["results"]:
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
         sp = f"{r['speedup_vs_fp32']:.2f}" if r["speedup_vs_fp32"] else "-"
         lines.append(f"{r['name']:<34} {r['step_ms_median']:>8.2f} {r['step_ms_p90']:>8.2f} {r['image_ms']:>9.1f} "
-                     f"{r['load_ms']:>8.0f} {rss:>8} {r['bytes'] / 1e6:>8.2f} {r['loop_overhead_pct']:>6.1f} {sp:>7}")
+                     f"{r['load_ms']:>8.0f} {rss:>8} {r['bytes'] / 1e6:>8.2f} {r['loop_overhead_pct']:>6.1f} {sp:>7} "
+                     f"{'-' if r.get('check') is None else ('ok' if r['check']['ok'] else 'DEVIATES')}")
     return "\n".join(lines)

@@ -5,11 +5,14 @@
 timesteps, seconds per step)`. The initial noise is numpy's `default_rng(seed)`, so a seed gives the
 same x_T on every device; any step count works (the graph takes the raw training time step).
 `correction`: None applies the artifact's fitted ε correction (runtime.correction) to quantized
-graphs when the artifact enables it; True requires it; False turns it off.
+graphs when the artifact enables it; True requires it; False turns it off. `check` runs the
+artifact's golden probes once through a quantized graph (runtime.probes) and warns when this CPU's
+integer kernels deviate; `strict` refuses instead.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ import numpy as np
 
 from .artifact import Artifact, ArtifactError
 from .correction import load_correction
+from .probes import CheckResult, check_session, load_probes
 from .schedulers import make_scheduler
 from .session import UNetSession
 
@@ -55,7 +59,8 @@ def denoise_step(sched, eps: np.ndarray, t: int, x: np.ndarray, rng: np.random.G
 
 class Sampler:
     def __init__(self, artifact: Artifact, role: str | None = None, scheduler: str = "ddim",
-                 threads: int | None = None, correction: bool | None = None, **scheduler_overrides):
+                 threads: int | None = None, correction: bool | None = None, check: bool = True,
+                 strict: bool = False, **scheduler_overrides):
         self.artifact = artifact
         self.graph_path = artifact.graph(role)
         quantized = artifact.manifest.files[self.graph_path.name].role != "fp32"
@@ -66,6 +71,7 @@ class Sampler:
         self.correction = fitted if (correction or (correction is None and fitted is not None and fitted.enabled)) \
             else None
         self.session = UNetSession(self.graph_path, threads=threads)
+        self.check = self_check(artifact, self.session, strict) if (check or strict) and quantized else None
         self.scheduler_name = scheduler
         self.scheduler_overrides = scheduler_overrides
 
@@ -90,3 +96,17 @@ class Sampler:
         if return_trajectory:
             res.trajectory = np.stack(traj)
         return res
+
+
+def self_check(artifact: Artifact, session: UNetSession, strict: bool = False) -> CheckResult | None:
+    """The golden-probe check of a quantized graph's session (None: the artifact has no probes).
+    Deviation warns on stderr, or raises ArtifactError with `strict`."""
+    probes = load_probes(artifact)
+    if probes is None:
+        return None
+    result = check_session(artifact, session, probes)
+    if not result.ok:
+        if strict:
+            raise ArtifactError(f"{session.path.name}: {result.verdict}")
+        print(f"qexport_runtime: warning: {session.path.name}: {result.verdict}", file=sys.stderr)
+    return result

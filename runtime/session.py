@@ -14,14 +14,17 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, emulate: bool = False) -> ort.SessionOptions:
+    """`emulate`: every graph optimization off, so a QDQ graph runs as float math on dequantized values
+    (the same on every CPU: the reference the integer kernels are checked against)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     # EXTENDED, not ALL: ALL's channels-last rewrite adds ~100 Transposes to a U-Net for no gain
     # (measured 2-4% slower); spinning threads cost 1.8x on a shared 2-core board.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if emulate \
+        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: ORT's optimizer notes are not the user's concern
     return so
@@ -29,10 +32,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 class UNetSession:
     def __init__(self, path: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, emulate: bool = False):
         t0 = time.perf_counter()
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads),
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, emulate),
                                             providers=providers or ["CPUExecutionProvider"])
         self.load_ms = (time.perf_counter() - t0) * 1e3
         inputs = {i.name: i for i in self.session.get_inputs()}

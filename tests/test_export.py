@@ -105,13 +105,14 @@ def test_integer_lowering_uses_integer_kernels_and_equals_qdq(built):
     assert {"QLinearConv", "QLinearMatMul"} <= ops
     from qexport.export.passes.graph_utils import producers
 
-    prod, outputs = producers(integer.graph), {o.name for o in integer.graph.output}
-    for n in integer.graph.node:  # float convs left: split-concat shortcuts, and the one producing the output
-        if n.op_type == "Conv":
-            src = prod[n.input[0]]
-            feeds_output = any(c.output[0] in outputs for c in integer.graph.node if n.output[0] in c.input) \
-                or n.output[0] in outputs
-            assert src.op_type == "Concat" or feeds_output, n.name
+    prod = producers(integer.graph)
+    unquantized = 0
+    for n in integer.graph.node:  # float convs left: split-concat shortcuts, and conv_in / conv_out (float)
+        if n.op_type != "Conv" or getattr(prod.get(n.input[0]), "op_type", None) == "Concat":
+            continue
+        assert n.input[1] not in prod, f"{n.name}: a quantized conv was not lowered"
+        unquantized += 1
+    assert unquantized == len(table.float_modules) == 2
     for t in CHECK_T:
         x = trajectory_state(model, t)
         a, b = run(qdq, x, t), run(integer, x, t)
@@ -120,8 +121,11 @@ def test_integer_lowering_uses_integer_kernels_and_equals_qdq(built):
 
 def test_integer_graph_equals_static_graph_of_matching_group(built):
     """The time-indexed integer graph at t equals the constant-scale graph of t's group, run the same
-    way (ORT BASIC level: no fusions of its own), up to rounding: ≤ 25% of the quantization error on
-    average and never above its maximum. At ORT's EXTENDED level, ORT fuses the constant graph's
+    way (ORT BASIC level: no fusions of its own), up to rounding: the integer kernels' exact
+    accumulation can round a value the other way, which GroupNorm spreads over the whole sample; we
+    require ≤ 50% of the quantization error on average (with conv_in / conv_out float that error is
+    small, so one such flip measured 30%), never above its maximum, and no more error against FP32
+    than the static graph's own (RMS within 5%). At ORT's EXTENDED level, ORT fuses the constant graph's
     DQ→Softmax→Q into its QLinearSoftmax lookup kernel, which rounds differently; that difference is
     checked to stay within the quantization error's own mean."""
     model, table, marked, _, integer = built
@@ -140,7 +144,8 @@ def test_integer_graph_equals_static_graph_of_matching_group(built):
         b = ort.InferenceSession(static.SerializeToString(), basic).run(
             None, {"sample": x, "timestep": np.array([t], np.int64)})[0]
         qerr = np.abs(b - fp)
-        assert np.abs(a - b).mean() <= 0.25 * qerr.mean() and np.abs(a - b).max() <= qerr.max(), (g, t)
+        assert np.abs(a - b).mean() <= 0.5 * qerr.mean() and np.abs(a - b).max() <= qerr.max(), (g, t)
+        assert np.sqrt(np.mean((a - fp) ** 2)) <= 1.05 * np.sqrt(np.mean((b - fp) ** 2)), (g, t)
         a_ext, b_ext = run(integer, x, t), run(static, x, t)
         assert np.abs(a_ext - b_ext).mean() <= np.abs(b_ext - fp).mean(), (g, t)
 
@@ -210,9 +215,8 @@ def test_bits4_weights_are_stored_as_int4(tiny_pipeline_dir, tmp_path, artifact)
     for role in ("qdq", "int"):
         m = onnx.load(str(art.graph(role)))
         wq = {t.name: t.data_type for t in m.graph.initializer if t.name.endswith("/weight_q")}
-        assert wq["conv_in/weight_q"] == onnx.TensorProto.INT8 and wq["conv_out/weight_q"] == onnx.TensorProto.INT8
-        inner = [dt for n, dt in wq.items() if n not in ("conv_in/weight_q", "conv_out/weight_q")]
-        assert inner and all(dt == onnx.TensorProto.INT4 for dt in inner)
+        assert "conv_in/weight_q" not in wq and "conv_out/weight_q" not in wq  # float by default
+        assert wq and all(dt == onnx.TensorProto.INT4 for dt in wq.values())
     assert art.graph("int").stat().st_size < load_artifact(artifact).graph("int").stat().st_size
     x = np.zeros((1, 1, 16, 16), np.float32)
     s = ort.InferenceSession(str(art.graph("int")), session_options(1))

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from qexport_runtime.artifact import Artifact, load_artifact
+from qexport_runtime.cpu import kernel_path
 from qexport_runtime.sampler import Sampler
 
 from .features import FeatureExtractor, load_extractor
@@ -42,9 +43,9 @@ class FidelityConfig:
 
 
 def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: int,
-               correction: bool | None = None, desc: str = "", progress: bool = True) -> tuple[np.ndarray, bool]:
+               correction: bool | None = None, desc: str = "", progress: bool = True) -> tuple[np.ndarray, Sampler]:
     """`cfg.samples` images in batches (batch i uses seed `seed + i`, the same for every graph), and
-    whether the ε correction was applied."""
+    the sampler (whether it applied the ε correction, its self-check on this CPU)."""
     from tqdm import tqdm
 
     sampler = Sampler(artifact, role=role, scheduler=cfg.scheduler, threads=cfg.threads,
@@ -53,7 +54,7 @@ def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: 
     for i, start in enumerate(tqdm(range(0, cfg.samples, cfg.batch), desc=desc, disable=not progress, leave=False)):
         n = min(cfg.batch, cfg.samples - start)
         out.append(sampler.sample(cfg.steps, batch=n, seed=seed + i).images.copy())
-    return np.concatenate(out), sampler.correction is not None
+    return np.concatenate(out), sampler
 
 
 @dataclass
@@ -122,11 +123,14 @@ def evaluate(artifact_path, cfg: FidelityConfig = FidelityConfig(), extractor: F
     if reference is None or not reference.matches(artifact, cfg):
         reference = fp32_reference(artifact, cfg, extractor, progress)
     sampler_role = cfg.role or next(r for r in ("int", "qdq", "static-group") if artifact.manifest.files_with_role(r))
-    images, corr = sample_set(artifact, sampler_role, cfg, cfg.seed, cfg.correction, desc=f"{sampler_role} samples",
-                              progress=progress)
+    images, sampler = sample_set(artifact, sampler_role, cfg, cfg.seed, cfg.correction,
+                                 desc=f"{sampler_role} samples", progress=progress)
     m = artifact.manifest
+    path = kernel_path()
     report = dict(artifact=str(artifact.path), graph=artifact.graph(sampler_role).name, method=m.method,
-                  bits=m.bits, groups=m.groups, correction_applied=corr, extractor=extractor.name,
+                  bits=m.bits, groups=m.groups, correction_applied=sampler.correction is not None,
+                  isa=path.isa, int8_kernel_path=path.u8s8,
+                  check=sampler.check.to_dict() if sampler.check else None, extractor=extractor.name,
                   **compare(images, reference, extractor), samples=cfg.samples, steps=cfg.steps,
                   scheduler=cfg.scheduler, seed=cfg.seed, seconds=round(time.perf_counter() - t0, 1),
                   config=asdict(cfg))
@@ -144,7 +148,9 @@ METRIC_ROWS = (("fd_to_fp32", "FD to FP32", "{:.4f}"), ("fd_to_fp32_bootstrap_st
 def format_report(r: dict) -> str:
     lines = [f"{r['artifact']} ({r['graph']}, W{r['bits']['weights']}A{r['bits']['activations']}, {r['groups']} groups, "
              f"correction {'on' if r['correction_applied'] else 'off'}): {r['samples']} samples, "
-             f"{r['scheduler']}-{r['steps']}, features {r['extractor']}"]
+             f"{r['scheduler']}-{r['steps']}, features {r['extractor']}",
+             f"  int8 kernels: {r['isa']} ({r['int8_kernel_path']}); self-check: "
+             f"{'none (no probes)' if r.get('check') is None else r['check']['verdict']}"]
     for key, label, fmt in METRIC_ROWS:
         v = r.get(key)
         lines.append(f"  {label:<26} {'n/a' if v is None else fmt.format(v)}")

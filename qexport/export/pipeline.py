@@ -15,9 +15,12 @@ import onnx
 
 from ..zoo.loading import LoadedModel, load_model
 from qexport_runtime.correction import CORRECTION_FILE
+from qexport_runtime.probes import PROBES_FILE
 
 from .artifact import ArtifactWriter
 from .correction import fit_correction
+from .probes import make_probes
+from .saturation import pair_report
 from .passes import StripTaps
 from .to_onnx import export_marked
 
@@ -181,13 +184,20 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
         qdq = build_qdq(marked, table, group=0 if method == "static" else None)
         onnx.save(qdq, str(w.add(QDQ_FILE, "qdq")))
         stages.update(1)
-        onnx.save(build_int(qdq), str(w.add(INT_FILE, "int")))
+        integer = build_int(qdq)
+        onnx.save(integer, str(w.add(INT_FILE, "int")))
+        make_probes(w.dir / QDQ_FILE, w.dir / FP32_FILE, model.scheduler_config, model.sample_shape,
+                    threads).save(w.add(PROBES_FILE, "probes"))
         stages.update(1)
         extra = dict(tables=dict(sha256=table.digest(), sites=len(table.sites), method=table.method,
                                  zero_point=table.calibration.get("table", {}).get("zero_point"),
                                  weight_rounding="learned" if table.weight_int else "nearest"),
                      ops=dict(quantized=["Conv", "MatMul", "Gemm"], attention_matmuls=True,
-                              split_concat_quantization=table.calibration.get("table", {}).get("split_concat", True)))
+                              split_concat_quantization=table.calibration.get("table", {}).get("split_concat", True),
+                              float_modules=list(table.float_modules)),
+                     saturation=dict(encoding="saturation-safe" if table.saturation_safe else "plain",
+                                     **pair_report(integer)),
+                     probes=dict(file=PROBES_FILE, reference="unet_qdq.onnx with ORT_DISABLE_ALL"))
         if correction != "off":
             fitted = fit_correction(w.dir / INT_FILE, w.dir / FP32_FILE, model.scheduler_config, model.sample_shape,
                                     threads=threads, progress=progress)

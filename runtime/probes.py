@@ -1,0 +1,110 @@
+"""Load-time self-check: the artifact's golden probes run through a quantized graph on this CPU.
+
+`probes.npz` (manifest role `probes`) holds a few `(sample, t)` pairs from the FP32 model's own
+sampling trajectories with two references computed at convert time: `golden`, the QDQ graph run
+with every ONNX Runtime optimization off (float-emulated integer math, the same on every CPU), and
+`fp32`, the FP32 graph. On a device the graph's output `y` is judged per probe by
+
+  - excess  = rms(y − fp32) / rms(golden − fp32) − 1: how much more error than quantization itself
+    gives (a saturating kernel path measured +700 %; a correct one ±3 %), within `EXCESS_TOL`;
+  - deviation = rms(y − golden) / rms(golden − fp32): the distance to the emulation, within
+    `DEVIATION_TOL` (correct kernels still round a few values the other way, which GroupNorm spreads:
+    up to 0.65 measured on VNNI, AVX2 and arm64 alike; a saturating path measured 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import Artifact, ArtifactError
+from .cpu import kernel_path
+
+PROBES_FILE = "probes.npz"
+ARRAYS = ("sample", "timestep", "golden", "fp32")
+EXCESS_TOL = 0.20
+DEVIATION_TOL = 1.0
+
+
+@dataclass(frozen=True)
+class Probes:
+    sample: np.ndarray    # [P, B, C, H, W] float32
+    timestep: np.ndarray  # [P] int64
+    golden: np.ndarray    # [P, B, C, H, W]: the float-emulated QDQ graph's output
+    fp32: np.ndarray      # [P, B, C, H, W]: the FP32 graph's output
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:  # deterministic bytes: np.savez would stamp zip times
+            np.savez(f, **{k: getattr(self, k) for k in ARRAYS})
+
+
+def load_probes(artifact: Artifact) -> Probes | None:
+    """The artifact's probes, or None when it has none. The file is untrusted: no pickles, shapes checked."""
+    names = artifact.manifest.files_with_role("probes")
+    if not names:
+        return None
+    path = artifact.path / names[0]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            p = Probes(**{k: np.asarray(z[k]) for k in ARRAYS})
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{path} is not a valid probes file ({e}); re-export the artifact") from None
+    shape = (len(p.timestep), -1, *artifact.manifest.sample_shape)
+    ok = p.timestep.ndim == 1 and all(a.ndim == len(shape) and a.shape[0] == shape[0] and a.shape[2:] == shape[2:]
+                                      and a.shape == p.sample.shape and a.dtype == np.float32
+                                      for a in (p.sample, p.golden, p.fp32))
+    if not ok or not np.all((p.timestep >= 0) & (p.timestep < artifact.manifest.num_train_timesteps)):
+        raise ArtifactError(f"{path} has probe arrays of the wrong shape or time steps; re-export the artifact")
+    return p
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    graph: str
+    isa: str
+    kernel_path: str
+    path_saturates: bool
+    artifact_saturation_safe: bool | None
+    timesteps: list
+    excess: list
+    deviation: list
+    ok: bool
+
+    @property
+    def verdict(self) -> str:
+        if self.ok:
+            return "ok: the integer graph matches its float emulation on this CPU"
+        return (f"DEVIATES on {self.isa}: up to {max(self.excess):+.0%} more error than quantization itself "
+                f"(tolerance {EXCESS_TOL:+.0%}); run the fp32 graph (--graph fp32) or re-convert with this qexport")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict, "excess_tol": EXCESS_TOL, "deviation_tol": DEVIATION_TOL}
+
+    def table(self) -> str:
+        lines = [f"{'t':>5} {'excess':>8} {'deviation':>10}"]
+        lines += [f"{t:>5} {e:>+8.1%} {d:>10.2f}" for t, e, d in zip(self.timesteps, self.excess, self.deviation)]
+        return "\n".join(lines)
+
+
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+
+def check_session(artifact: Artifact, session, probes: Probes) -> CheckResult:
+    """Run every probe through `session` (a UNetSession) and judge it (module docstring)."""
+    excess, deviation = [], []
+    for x, t, gold, fp in zip(probes.sample, probes.timestep, probes.golden, probes.fp32):
+        y = np.array(session(x, int(t)))
+        qerr = max(_rms(gold - fp), 1e-12)
+        excess.append(_rms(y - fp) / qerr - 1)
+        deviation.append(_rms(y - gold) / qerr)
+    path = kernel_path()
+    safe = artifact.manifest.extra.get("saturation", {}).get("unsafe_pairs")
+    ok = bool(np.all(np.isfinite(excess)) and max(excess) <= EXCESS_TOL and max(deviation) <= DEVIATION_TOL)
+    return CheckResult(graph=session.path.name, isa=path.isa, kernel_path=path.u8s8, path_saturates=path.saturates,
+                       artifact_saturation_safe=None if safe is None else safe == 0,
+                       timesteps=[int(t) for t in probes.timestep], excess=[float(e) for e in excess],
+                       deviation=[float(d) for d in deviation], ok=ok)
+
