@@ -8,8 +8,10 @@ with every ONNX Runtime optimization off (float-emulated integer math, the same 
   - excess  = rms(y − fp32) / rms(golden − fp32) − 1: how much more error than quantization itself
     gives (a saturating kernel path measured +700 %; a correct one ±3 %), within `EXCESS_TOL`;
   - deviation = rms(y − golden) / rms(golden − fp32): the distance to the emulation, within
-    `DEVIATION_TOL` (correct kernels still round a few values the other way, which GroupNorm spreads:
-    up to 0.65 measured on VNNI, AVX2 and arm64 alike; a saturating path measured 8).
+    `DEVIATION_TOL` = 2. Correct kernels still round a few values the other way, which GroupNorm
+    spreads over a whole sample: two equally good but independent quantizations of the same model
+    sit √2 ≈ 1.41 apart in these units, and up to 1.02 was measured on correct paths; the saturating
+    AVX2 path measured 8.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .cpu import kernel_path
 PROBES_FILE = "probes.npz"
 ARRAYS = ("sample", "timestep", "golden", "fp32")
 EXCESS_TOL = 0.20
-DEVIATION_TOL = 1.0
+DEVIATION_TOL = 2.0
 
 
 @dataclass(frozen=True)
