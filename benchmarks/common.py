@@ -106,19 +106,13 @@ def gemm_peak(threads: int, n: int = 1024, reps: int = 10) -> dict:
 
 
 def unet_ops(unet, sample_shape: tuple) -> float:
-    """Operations (2 × multiply-accumulates) of Conv2d, Linear and attention matmuls for one sample."""
+    """Operations (2 × multiply-accumulates) of Conv2d, Linear and attention matmuls for one sample
+    (equal to torch.utils.flop_counter's count: tests/test_bench.py)."""
     import torch
 
     from qexport.zoo.taps import install_taps, remove_taps
 
     macs = [0]
-
-    def conv_hook(m, args, out):
-        w = m.weight
-        macs[0] += out.numel() * (w.numel() // w.shape[0])
-
-    hooks = [m.register_forward_hook(conv_hook) for m in unet.modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     seen = {}
 
     def tap(site, x):
@@ -132,7 +126,15 @@ def unet_ops(unet, sample_shape: tuple) -> float:
                 macs[0] += a[0] * a[1] * a[2] * x.shape[2]
         return x
 
+    def conv_hook(m, args, out):
+        w = m.weight
+        macs[0] += out.numel() * (w.numel() // w.shape[0])
+
+    # taps first: install_taps runs a probing forward pass of its own, which must not be counted
     handles = install_taps(unet, tap)
+    macs[0] = 0
+    hooks = [m.register_forward_hook(conv_hook) for m in unet.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     try:
         with torch.no_grad():
             unet(torch.zeros(1, *sample_shape), torch.tensor([500]))

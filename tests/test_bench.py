@@ -31,11 +31,34 @@ def test_bench_writes_table_and_json(small_artifact, tmp_path, entry):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step ms" in r.stdout and "x fp32" in r.stdout
     report = json.loads(out.read_text())
-    assert {"cpu", "arch", "cores", "onnxruntime"} <= set(report["machine"])
+    assert {"cpu", "arch", "cores", "onnxruntime", "isa", "int8_kernel_path"} <= set(report["machine"])
+    assert "int8 path x86_64" in r.stdout or "int8 path arm64" in r.stdout
     roles = [row["role"] for row in report["results"]]
     assert roles == ["int", "fp32"]
     for row in report["results"]:
         assert FIELDS <= set(row)
         assert row["step_ms_median"] > 0 and row["peak_rss_mb"] > 10 and row["bytes"] > 0
     fp32 = next(row for row in report["results"] if row["role"] == "fp32")
-    assert fp32["speedup_vs_fp32"] == pytest.approx(1.0)
+    assert fp32["speedup_vs_fp32"] == pytest.approx(1.0) and fp32["check"] is None
+    int_row = next(row for row in report["results"] if row["role"] == "int")
+    assert int_row["check"]["ok"] and len(int_row["check"]["excess"]) == 5   # the load-time self-check ran
+
+
+def test_unet_ops_equals_torch_flop_counter(tiny_pipeline_dir):
+    """benchmarks/common.py counts 2 × MAC of Conv/Linear/attention matmuls; torch's FlopCounterMode
+    must agree (the count once doubled itself by including install_taps' probing forward pass)."""
+    torch = pytest.importorskip("torch", reason="needs the toolchain extra")
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qexport.zoo.loading import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import unet_ops
+
+    model = load_model(str(tiny_pipeline_dir))
+    ops = unet_ops(model.unet, model.sample_shape)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.unet(torch.zeros(1, *model.sample_shape), torch.tensor([500]))
+    assert ops == pytest.approx(fc.get_total_flops(), rel=1e-9)
