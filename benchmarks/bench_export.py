@@ -4,9 +4,10 @@
 
 For each model (the shipped digits16-ddpm, and a random-weight U-Net with google/ddpm-cifar10-32's
 config built by this script), converts it twice — time-indexed (`--method mse`, K groups) and the
-static baseline (`--method static`: K=1, min/max, the graph ORT's quantize_static gives) — and times,
+static baseline (`--method static`: K=1, min/max, the graph ORT's quantize_static gives) — plus the
+integer graph before the CPU-correctness change and one with conv_in/conv_out quantized, and times,
 interleaved in one process at B=1 and B=8: FP32 ORT, static QDQ (ORT fuses it to QLinearConv), the
-time-indexed integer lowering, the time-indexed portable QDQ graph, and torch eager FP32. Also
+time-indexed integer lowerings, the time-indexed portable QDQ graph, and torch eager FP32. Also
 records peak RSS of a fresh process per graph, file bytes, an int8/fp32 GEMM peak through
 onnxruntime, and each graph's achieved ops/s as a fraction of that peak.
 Writes benchmarks/results/export_bench.json and .md.
@@ -34,17 +35,27 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
     from qexport.calibrate.api import CalibrationConfig
     from qexport.calibrate.sources import SourceConfig
     from qexport.export.pipeline import convert
+    from qexport.tables.build import TableConfig
     from qexport.zoo.loading import load_model
     from qexport_runtime.artifact import load_artifact
     from qexport_runtime.session import UNetSession
 
-    cal = CalibrationConfig(source=SourceConfig(steps=args.cal_steps, samples=args.cal_samples,
-                                                trajectories=args.cal_trajectories))
-    ours = convert(model_id, workdir / f"{name}-ours", groups=args.groups, calibration=cal, progress=False)
-    static = convert(model_id, workdir / f"{name}-static", method="static", calibration=cal, progress=False)
-    a_ours, a_static = load_artifact(ours), load_artifact(static)
+    src = SourceConfig(steps=args.cal_steps, samples=args.cal_samples, trajectories=args.cal_trajectories)
+    cal = CalibrationConfig(source=src)
+
+    def build(tag: str, **kw) -> Path:  # the ε correction changes no graph: not fitted here
+        return convert(model_id, workdir / f"{name}-{tag}", correction="off", progress=False, **kw)
+
+    a_ours = load_artifact(build("ours", groups=args.groups, calibration=cal))
+    a_static = load_artifact(build("static", method="static", calibration=cal))
+    # the integer graph before the CPU-correctness change: plain int8 weights, conv_in / conv_out quantized
+    a_plain = load_artifact(build("plain", groups=args.groups, calibration=CalibrationConfig(
+        source=src, table=TableConfig(saturation_safe=False, quantize_first_last=True))))
+    a_fl = load_artifact(build("fl", groups=args.groups, calibration=CalibrationConfig(
+        source=src, table=TableConfig(quantize_first_last=True))))
     graphs = {"fp32": a_ours.graph("fp32"), "static_qdq": a_static.graph("qdq"),
-              "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq")}
+              "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq"),
+              "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int")}
     sessions = {k: UNetSession(p, threads=args.threads) for k, p in graphs.items()}
     model = load_model(model_id)
     torch.set_num_threads(args.threads)
@@ -80,8 +91,13 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
 
 def markdown(result: dict) -> str:
     peak = result["gemm_peak"]
-    lines = [f"# Exporter benchmark ({result['machine']['cpu']}, {result['threads']} threads, onnxruntime "
-             f"{result['machine']['onnxruntime']})", "",
+    lines = [f"# Exporter benchmark ({result['machine']['cpu']}, int8 path {result['machine']['isa']}, "
+             f"{result['threads']} threads, onnxruntime {result['machine']['onnxruntime']})", "",
+             "Graphs: `ours_int` the default integer graph (saturation-safe weights, conv_in/conv_out float); "
+             "`plain_int` the integer graph before that change (plain int8, first/last quantized: wrong on "
+             "x86 without VNNI); `first_last_int8_int` saturation-safe with conv_in/conv_out quantized; "
+             "`static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
+             "Operations are 2 × MAC (torch.utils.flop_counter's count).", "",
              f"GEMM peak through onnxruntime: int8 {peak['int8_gops']:.0f} GOP/s, fp32 {peak['fp32_gops']:.0f} GFLOP/s.",
              ""]
     for name, m in result["models"].items():
@@ -89,7 +105,7 @@ def markdown(result: dict) -> str:
                   "| B | graph | ms/step (median) | p90 | × FP32 ORT | × static QDQ | achieved GOP/s | % of peak | peak RSS MB | bytes |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            is_int = r["graph"] in ("static_qdq", "ours_int", "ours_qdq")
+            is_int = r["graph"] not in ("fp32", "torch_eager")
             frac = r["gops"] / (peak["int8_gops"] if is_int else peak["fp32_gops"]) * 100
             rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "–"
             size = f"{r['bytes']:,}" if r["bytes"] else "–"

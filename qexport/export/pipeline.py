@@ -133,7 +133,8 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
     `rounding`: "nearest" or "learned" integer weights (default: learned at 4 bits, nearest at 8).
 
     `method="static"` is the baseline ORT's quantize_static would give (K=1, min/max ranges,
-    Conv/MatMul/Gemm), exported through the same passes with constant scales."""
+    Conv/MatMul/Gemm including the first and last layer), exported through the same passes with
+    constant scales (and saturation-safe weights, which cost no speed)."""
     from tqdm import tqdm
 
     from ..calibrate.api import CalibrationConfig, calibrate
@@ -152,7 +153,8 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
     cfg = calibration or CalibrationConfig()
     if method == "static":
         cfg = dataclasses.replace(cfg, table=TableConfig(groups=1, range=RangeConfig(method="minmax"), weight_bits=bits,
-                                                         weight_mse=False, zero_point="per-group"))
+                                                         weight_mse=False, zero_point="per-group",
+                                                         quantize_first_last=True))
     else:
         tcfg = dataclasses.replace(cfg.table, weight_bits=bits, range=dataclasses.replace(cfg.table.range, method=method))
         if groups is not None:
