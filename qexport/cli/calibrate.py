@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .base import Command
 
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     forced = {"weight_bits": args.weight_bits} if args.weight_bits else {}
     cfg = calibration_config(args, **forced)
     model = load_model(args.model_id, allow_pickle=args.allow_pickle)
-    table, stats = calibrate(model, cfg)
+    table, stats = calibrate(model, cfg, progress=sys.stderr.isatty())
     out = Path(args.output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .base import Command
 from .calibrate import add_calibration_arguments, calibration_config
@@ -42,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     convert(args.model_id, out, bits=args.bits, groups=args.groups, method=method, calibration=cfg,
             tables=args.tables, static_groups=args.static_groups, overwrite=args.overwrite,
             allow_pickle=args.allow_pickle, correction=args.correction, rounding=args.rounding,
-            threads=args.threads)
+            threads=args.threads, progress=sys.stderr.isatty())
     art = load_artifact(out)
     m = art.manifest
     fp32 = next(e.bytes for e in m.files.values() if e.role == "fp32")

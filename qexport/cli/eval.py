@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .base import Command
 
@@ -46,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = FidelityConfig(samples=args.samples, steps=args.steps, scheduler=args.scheduler, seed=args.seed,
                          batch=args.batch, threads=args.threads, role=args.graph,
                          correction={"auto": None, "on": True, "off": False}[args.correction])
-    report, ref = evaluate(args.artifact, cfg, load_extractor(args.features, args.real_stats))
+    report, ref = evaluate(args.artifact, cfg, load_extractor(args.features, args.real_stats),
+                           progress=sys.stderr.isatty())
     images = report.pop("_images")
     print(format_report(report))
     if args.curves:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .base import Command
 from .calibrate import add_calibration_arguments, calibration_config, print_variation
@@ -29,7 +30,8 @@ def _run(args: argparse.Namespace) -> int:
             raise QexportError(f"{args.tables} has no stats.npz; pass a folder written by `qexport calibrate`")
         stats = load_stats(Path(args.tables))
     else:
-        _, stats = calibrate(load_model(args.model_id, allow_pickle=args.allow_pickle), calibration_config(args))
+        _, stats = calibrate(load_model(args.model_id, allow_pickle=args.allow_pickle), calibration_config(args),
+                             progress=sys.stderr.isatty())
     var = variation(stats)
     info = write_report(stats, var, Path(args.output))
     print_variation(var)
