@@ -38,8 +38,16 @@ class Probes:
     fp32: np.ndarray      # [P, B, C, H, W]: the FP32 graph's output
 
     def save(self, path: Path) -> None:
-        with open(path, "wb") as f:  # deterministic bytes: np.savez would stamp zip times
-            np.savez(f, **{k: getattr(self, k) for k in ARRAYS})
+        """An `.npz` with fixed zip entry times, so the same probes give the same bytes (np.savez
+        stamps the current time into every entry)."""
+        import io
+        import zipfile
+
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for k in ARRAYS:
+                buf = io.BytesIO()
+                np.save(buf, getattr(self, k), allow_pickle=False)
+                z.writestr(zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
 
 
 def load_probes(artifact: Artifact) -> Probes | None:
