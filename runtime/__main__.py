@@ -16,6 +16,7 @@ import numpy as np
 
 from .artifact import ArtifactError, load_artifact
 from .cpu import kernel_path
+from .oneline_argparse import OneLineParser
 from .images import grid, write_png
 from .schedulers import SCHEDULERS
 
@@ -93,7 +94,8 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qexport_runtime", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m qexport_runtime", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="generate images from an artifact")
     s.add_argument("artifact")
@@ -126,7 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ArtifactError, ValueError) as e:
+        if args.debug:
+            raise
         print(f"qexport_runtime {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qexport_runtime {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"qexport_runtime {args.command}: error: {e.strerror or type(e).__name__}{where}; check the path, "
+              f"its permissions and free space", file=sys.stderr)
         return 2
 
 

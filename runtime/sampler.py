@@ -70,7 +70,13 @@ class Sampler:
                                 f"convert with --correction or sample without it")
         self.correction = fitted if (correction or (correction is None and fitted is not None and fitted.enabled)) \
             else None
-        self.session = UNetSession(self.graph_path, threads=threads)
+        try:  # the scheduler config comes from the (untrusted) manifest
+            make_scheduler(scheduler, artifact.manifest.scheduler, **scheduler_overrides)
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+            raise ArtifactError(f"artifact {artifact.path}: its scheduler config does not make a {scheduler} "
+                                f"scheduler ({type(e).__name__}: {str(e)[:120]}); re-export the artifact") from None
+        self.session = UNetSession(self.graph_path, threads=threads,
+                                   num_train_timesteps=artifact.manifest.num_train_timesteps)
         self.check = self_check(artifact, self.session, strict) if (check or strict) and quantized else None
         self.scheduler_name = scheduler
         self.scheduler_overrides = scheduler_overrides
@@ -78,6 +84,11 @@ class Sampler:
     def sample(self, num_steps: int = 50, batch: int = 1, seed: int = 0,
                return_trajectory: bool = False) -> SampleResult:
         m = self.artifact.manifest
+        if not 1 <= num_steps <= m.num_train_timesteps:
+            raise ValueError(f"steps must be in [1, {m.num_train_timesteps}] (the model's training time steps), "
+                             f"got {num_steps}")
+        if batch < 1 or seed < 0:
+            raise ValueError(f"batch must be ≥ 1 and seed ≥ 0, got batch {batch}, seed {seed}")
         sched = make_scheduler(self.scheduler_name, m.scheduler, **self.scheduler_overrides)
         sched.set_timesteps(num_steps)
         x = initial_noise((batch, *m.sample_shape), seed)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .artifact import ArtifactError
+
 
 def session_options(threads: int | None = None, emulate: bool = False) -> ort.SessionOptions:
     """`emulate`: every graph optimization off, so a QDQ graph runs as float math on dequantized values
@@ -32,15 +34,23 @@ def session_options(threads: int | None = None, emulate: bool = False) -> ort.Se
 
 class UNetSession:
     def __init__(self, path: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None, emulate: bool = False):
+                 providers: list[str] | None = None, emulate: bool = False, num_train_timesteps: int | None = None):
         t0 = time.perf_counter()
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, emulate),
-                                            providers=providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, emulate),
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types: corrupt, truncated, unsafe external data …
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path}: onnxruntime cannot load this graph ({reason}); copy the artifact again "
+                                f"or re-export it") from None
         self.load_ms = (time.perf_counter() - t0) * 1e3
         inputs = {i.name: i for i in self.session.get_inputs()}
         if set(inputs) != {"sample", "timestep"}:
-            raise ValueError(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(inputs)}")
+            raise ArtifactError(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(inputs)}; "
+                                f"this is not a qexport U-Net graph")
+        self.sample_dims = list(inputs["sample"].shape)
+        self.num_train_timesteps = num_train_timesteps
         self.output_name = self.session.get_outputs()[0].name
         self._binding = self.session.io_binding()
         self._out: np.ndarray | None = None
@@ -48,6 +58,14 @@ class UNetSession:
 
     def __call__(self, sample: np.ndarray, timestep: int) -> np.ndarray:
         sample = np.ascontiguousarray(sample, dtype=np.float32)
+        dims = self.sample_dims
+        if sample.ndim != len(dims) or sample.shape[0] < 1 or any(
+                isinstance(d, int) and d != n for d, n in zip(dims[1:], sample.shape[1:])):
+            raise ValueError(f"sample of shape {list(sample.shape)} does not fit {self.path.name}'s input "
+                             f"{dims}; pass a batch ≥ 1 of the artifact's sample_shape")
+        if self.num_train_timesteps is not None and not 0 <= timestep < self.num_train_timesteps:
+            raise ValueError(f"time step {timestep} is outside [0, {self.num_train_timesteps}) the model was "
+                             f"trained on; pass a raw training time step")
         if self._out is None or self._out.shape != sample.shape:
             self._out = np.empty_like(sample)
             self._binding.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out.shape),

@@ -87,5 +87,9 @@ def test_step_before_set_timesteps_raises():
 def test_unknown_scheduler_and_schedule():
     with pytest.raises(ValueError, match="unknown scheduler"):
         make_scheduler("euler", CONFIG)
-    with pytest.raises(NotImplementedError, match="beta_schedule"):
+    with pytest.raises(ValueError, match="beta_schedule"):
         make_scheduler("ddim", {**CONFIG, "beta_schedule": "sigmoid"})
+    with pytest.raises(ValueError, match="prediction_type 'flow'"):   # refused when built, not mid-loop
+        make_scheduler("ddpm", {**CONFIG, "prediction_type": "flow"})
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        make_scheduler("ddim", {**CONFIG, "num_train_timesteps": "1000"})

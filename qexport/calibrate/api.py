@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,11 +63,14 @@ def first_last_layers(unet: nn.Module) -> tuple[str, ...]:
 
 def calibrate(model: LoadedModel, cfg: CalibrationConfig = CalibrationConfig(),
               progress: bool = True) -> tuple[QuantTable, ActivationStats]:
+    T = model.num_train_timesteps
+    if cfg.source.steps > T or cfg.table.groups > T:
+        raise QexportError(f"--steps {cfg.source.steps} / --groups {cfg.table.groups} exceed the model's {T} "
+                           f"training time steps; choose at most {T}")
     source = CalibrationSource(model.scheduler_config, model.sample_shape, cfg.source)
     stats = collect_statistics(model.unet, source, bins=cfg.bins, progress=progress)
     calib = dict(model_id=model.model_id, weights_sha256=model.weights_sha256, **cfg.to_dict(),
-                 samples=source.num_samples, seconds=round(stats.seconds, 2),
-                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                 samples=source.num_samples)  # nothing run-dependent here: same inputs, same table bytes
     table = build_table(stats, model.num_train_timesteps, unet_weights(model.unet), cfg.table, calib,
                         first_last=first_last_layers(model.unet))
     return table, stats

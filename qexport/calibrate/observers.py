@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import QexportError
 from ..tables.stats import ActivationStats
 from ..zoo.taps import install_taps, remove_taps
 from .sources import CalibrationSource
@@ -37,6 +38,10 @@ def collect_statistics(model: torch.nn.Module, source: CalibrationSource, bins: 
             acc[site] = [np.zeros(n), np.full(n, np.inf), np.full(n, -np.inf)]
         a = acc[site]
         lo_, hi_ = torch.aminmax(x)
+        if not (torch.isfinite(lo_) and torch.isfinite(hi_)):
+            raise QexportError(f"calibration met {'NaN' if torch.isnan(x).any() else 'inf'} values in {site} at time "
+                               f"step t={int(source.timesteps[order][ti])}; the model's weights or inputs overflow "
+                               f"there — check the checkpoint (it must sample finite images in FP32)")
         a[0][ti] += x.numel()
         a[1][ti] = min(a[1][ti], float(lo_))
         a[2][ti] = max(a[2][ti], float(hi_))
@@ -78,7 +83,11 @@ def _run_pass(model, source: CalibrationSource, update, t_index_of: dict, desc: 
     def forward(sample: torch.Tensor, t: int, keep: int) -> torch.Tensor:
         state.update(ti=t_index_of[t], keep=keep, batch=sample.shape[0])
         with torch.no_grad():
-            return model(sample, torch.tensor([t], dtype=torch.int64)).sample
+            out = model(sample, torch.tensor([t], dtype=torch.int64)).sample
+        if not torch.isfinite(out).all():
+            raise QexportError(f"the FP32 model's own output is not finite (NaN/inf) at time step t={t}; the "
+                               f"checkpoint is broken — qexport can only quantize a model that samples in FP32")
+        return out
 
     handles = install_taps(model, tap)
     try:

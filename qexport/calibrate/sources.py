@@ -40,7 +40,10 @@ class SourceConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.samples < 1 or self.trajectories < 1 or self.steps < 1:
-            raise ValueError("samples, trajectories and steps must be positive")
+            raise ValueError(f"--samples, --trajectories and --steps must be ≥ 1, got {self.samples}, "
+                             f"{self.trajectories}, {self.steps}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be ≥ 0, got {self.seed}")
 
 
 def samples_per_step(cfg: SourceConfig, timesteps: np.ndarray, num_train_timesteps: int) -> np.ndarray:

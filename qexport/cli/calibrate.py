@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 
 from .base import Command
@@ -69,6 +70,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_id", metavar="MODEL_ID", help="shipped model name, local folder or Hub id")
     p.add_argument("-o", "--output", required=True, help="folder for tables.json, tables.safetensors, stats.npz")
     p.add_argument("--weight-bits", type=int, choices=[4, 8], default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_calibration_arguments(p)
 
 
@@ -78,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..calibrate.api import calibrate, save_stats, variation
+    from ..errors import QexportError
     from ..zoo.loading import load_model
 
     forced = {"weight_bits": args.weight_bits} if args.weight_bits else {}
@@ -85,10 +88,14 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(args.model_id, allow_pickle=args.allow_pickle)
     table, stats = calibrate(model, cfg, progress=sys.stderr.isatty())
     out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise QexportError(f"output folder {out} already exists; pass --overwrite or choose another -o")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:
         var = variation(stats)
-        table.save(tmp, summary=dict(range_variation_top=var[:10]))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        table.save(tmp, summary=dict(range_variation_top=var[:10], seconds=round(stats.seconds, 2),
+                                     peak_rss_mb=round(peak_mb, 1)))
         save_stats(stats, tmp)
         (tmp / "range_variation.json").write_text(json.dumps(var, indent=2))
         if out.exists():
@@ -97,9 +104,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_variation(var)
-    c = table.calibration
-    print(f"\n{len(table.sites)} sites, {table.groups} groups, method {table.method}, {c['samples']} samples, "
-          f"{c['seconds']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB → {out}")
+    print(f"\n{len(table.sites)} sites, {table.groups} groups, method {table.method}, "
+          f"{table.calibration['samples']} samples, {stats.seconds:.1f} s, peak RSS {peak_mb:.0f} MB → {out}")
     return 0
 
 

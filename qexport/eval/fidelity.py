@@ -38,8 +38,9 @@ class FidelityConfig:
     correction: bool | None = None   # None: the artifact's default
 
     def __post_init__(self):
-        if self.samples < 2 or self.steps < 1 or self.batch < 1:
-            raise ValueError("samples must be ≥ 2, steps and batch ≥ 1")
+        if self.samples < 2 or self.steps < 1 or self.batch < 1 or self.seed < 0:
+            raise ValueError(f"--samples must be ≥ 2, --steps and batch ≥ 1, --seed ≥ 0 (got {self.samples}, "
+                             f"{self.steps}, {self.batch}, {self.seed})")
 
 
 def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: int,

@@ -1,9 +1,14 @@
 """Atomic writing of an artifact folder: graphs are written into a temporary sibling folder, the
 manifest (runtime.artifact's schema) is written last, then the folder is renamed into place. A
-failure at any point leaves no output folder behind."""
+failure at any point (an exception, Ctrl-C, a full disk) leaves no output folder behind and any
+previous artifact intact; a killed writer's temporary folder is removed by the next writer of the
+same output. Writers of one output folder take an exclusive lock (`.<name>.lock`): a second one
+fails at once instead of racing the first."""
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import logging
 import os
 import shutil
@@ -30,9 +35,39 @@ class ArtifactWriter:
     def __enter__(self) -> "ArtifactWriter":
         if self.out.exists() and not self.overwrite:
             raise QexportError(f"output folder {self.out} already exists; pass --overwrite or choose another -o")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.out.with_name(f".{self.out.name}.lock"), "a+")
+        except OSError as e:
+            raise QexportError(f"cannot write in {self.out.parent} ({e.strerror}); choose a writable -o") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise QexportError(f"another qexport is writing {self.out} right now; wait for it to finish or "
+                               f"choose another -o") from None
+        self._remove_stale()
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        except OSError as e:
+            self._unlock()
+            raise QexportError(f"cannot write in {self.out.parent} ({e.strerror}); choose a writable -o") from None
         return self
+
+    def _remove_stale(self) -> None:
+        """Temporary folders of earlier writers of this output that died (SIGKILL, power loss): with the
+        lock held, no live writer owns one."""
+        for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.old-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _unlock(self) -> None:
+        try:
+            os.unlink(self._lock.name)  # leave no stray file; a writer that opened it first fails at flock
+        except OSError:
+            pass
+        self._lock.close()
 
     def add(self, name: str, role: str) -> Path:
         """Declare file `name` (written or to be written in `self.dir`) with manifest `role`."""
@@ -52,14 +87,21 @@ class ArtifactWriter:
         return manifest
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or not self._finished:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            return
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(old)
-        self.dir.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("wrote %s", self.out)
+        try:
+            if exc_type is not None or not self._finished:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                return
+            old = None
+            if self.out.exists():
+                if not self.overwrite:  # appeared while we worked (a writer without the lock)
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    raise QexportError(f"output folder {self.out} appeared while converting; pass --overwrite or "
+                                       f"choose another -o")
+                old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+                self.out.rename(old)
+            self.dir.rename(self.out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("wrote %s", self.out)
+        finally:
+            self._unlock()

@@ -76,12 +76,15 @@ def load_model(model_id: str, *, allow_pickle: bool = False, cache_dir: str | No
     weights = _pick_weights(unet_dir, allow_pickle)
     config = json.loads((unet_dir / "config.json").read_text())
     cls = _model_class(config, unet_dir)
-    unet = cls.from_pretrained(str(unet_dir), use_safetensors=weights.suffix == ".safetensors",
-                               low_cpu_mem_usage=False)
+    scheduler_config = _scheduler_config(sched_file)
+    try:
+        unet = cls.from_pretrained(str(unet_dir), use_safetensors=weights.suffix == ".safetensors",
+                                   low_cpu_mem_usage=False)
+    except (ValueError, RuntimeError, OSError, TypeError, KeyError) as e:  # shapes vs config, truncated file …
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise QexportError(f"cannot load the U-Net in {unet_dir} ({reason}); its weights and config.json must "
+                           f"come from the same model") from None
     unet = unet.float().eval().requires_grad_(False)
-    scheduler_config = json.loads(sched_file.read_text())
-    if "num_train_timesteps" not in scheduler_config:
-        raise QexportError(f"{sched_file} has no num_train_timesteps; it must be a diffusers scheduler config")
     return LoadedModel(unet=unet, scheduler_config=scheduler_config, model_id=model_id, kind=kind,
                        folder=folder, weights_sha256=sha256_file(weights))
 
@@ -99,12 +102,41 @@ def _locate_parts(folder: Path) -> tuple[Path, Path]:
         unet_dir = folder
         sched = folder / "scheduler_config.json"
     if not (unet_dir / "config.json").exists():
+        if (folder / "model_index.json").exists():
+            raise QexportError(f"pipeline folder {folder} has no unet/ with a config.json; qexport needs the "
+                               f"pipeline's U-Net (copy the whole pipeline folder)")
         raise QexportError(f"no config.json in {unet_dir}; pass a diffusers model folder or a pipeline "
                            f"folder with unet/ and scheduler/ subfolders")
     if not sched.exists():
         raise QexportError(f"no scheduler config at {sched}; add the diffusers scheduler_config.json the "
                            f"model was trained with (it sets num_train_timesteps and the betas)")
     return unet_dir, sched
+
+
+# diffusers schedulers that share the DDPM noise schedule the numpy samplers implement
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler",
+                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                     "UniPCMultistepScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler")
+
+
+def _scheduler_config(sched_file: Path) -> dict:
+    from qexport_runtime.schedulers.base import NoiseScheduleConfig
+
+    try:
+        config = json.loads(sched_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QexportError(f"{sched_file} is not valid JSON; it must be a diffusers scheduler config") from None
+    if not isinstance(config, dict) or "num_train_timesteps" not in config:
+        raise QexportError(f"{sched_file} has no num_train_timesteps; it must be a diffusers scheduler config")
+    name = config.get("_class_name", "DDPMScheduler")
+    if name not in SCHEDULER_CLASSES:
+        raise QexportError(f"{sched_file} names scheduler class {name!r}, whose noise schedule qexport's samplers "
+                           f"do not implement; use a DDPM-family scheduler config ({', '.join(SCHEDULER_CLASSES[:3])}, …)")
+    try:
+        NoiseScheduleConfig.from_config(config)
+    except (ValueError, TypeError) as e:
+        raise QexportError(f"{sched_file}: {e}") from None
+    return config
 
 
 def _pick_weights(unet_dir: Path, allow_pickle: bool) -> Path:
@@ -123,11 +155,13 @@ def _model_class(config: dict, unet_dir: Path):
     import diffusers
 
     name = config.get("_class_name", "UNet2DModel")
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.startswith("UNet"):
-        raise QexportError(f"{unet_dir}/config.json names class {name!r}, which is not a diffusers U-Net; "
-                           f"qexport supports UNet2DModel folders")
-    return cls
+    if name == "UNet2DModel":
+        return diffusers.UNet2DModel
+    if name.startswith("UNet"):
+        raise QexportError(f"{unet_dir}/config.json names {name!r}; qexport converts unconditional UNet2DModel "
+                           f"denoisers (text-conditioned and 1-D/3-D U-Nets are not supported yet)")
+    raise QexportError(f"{unet_dir}/config.json names class {name!r}, which is not a diffusers U-Net "
+                       f"(transformer denoisers and VAEs are not supported); pass a UNet2DModel folder")
 
 
 def _download_from_hub(model_id: str, cache_dir: str | None) -> Path:

@@ -23,6 +23,11 @@ class StepOutput:
     pred_original_sample: np.ndarray | None = None
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("linspace", "leading", "trailing")
+
+
 @dataclass(frozen=True, kw_only=True)
 class NoiseScheduleConfig:
     """The fields of a diffusers scheduler config that the numpy schedulers read (same names)."""
@@ -37,6 +42,29 @@ class NoiseScheduleConfig:
     clip_sample_range: float = 1.0
     timestep_spacing: str = "leading"
     steps_offset: int = 0
+
+    def __post_init__(self):
+        """Refuse what no numpy scheduler here can honour, with the fix (configs are untrusted input)."""
+        T = self.num_train_timesteps
+        if not isinstance(T, int) or isinstance(T, bool) or not 1 <= T <= 1 << 20:
+            raise ValueError(f"num_train_timesteps must be an integer in [1, 2^20], got {T!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} cannot be sampled; it must be one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
+        if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not implemented; use one of "
+                             f"{', '.join(BETA_SCHEDULES)} or trained_betas")
+        if self.trained_betas is not None and len(self.trained_betas) != T:
+            raise ValueError(f"trained_betas has {len(self.trained_betas)} values, num_train_timesteps is {T}")
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported; use one of "
+                             f"{', '.join(SPACINGS)}")
+        for name in ("beta_start", "beta_end", "clip_sample_range"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not isinstance(self.steps_offset, int) or not 0 <= self.steps_offset < T:
+            raise ValueError(f"steps_offset must be an integer in [0, {T}), got {self.steps_offset!r}")
 
     @classmethod
     def from_config(cls, config: dict, **overrides):
@@ -63,8 +91,7 @@ def make_betas(cfg: NoiseScheduleConfig) -> np.ndarray:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         return np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
                         dtype=np.float32)
-    raise NotImplementedError(f"beta_schedule {cfg.beta_schedule!r} is not implemented; use 'linear', "
-                              f"'scaled_linear' or 'squaredcos_cap_v2'")
+    raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not implemented; use one of {', '.join(BETA_SCHEDULES)}")
 
 
 def alphas_cumprod(cfg: NoiseScheduleConfig) -> np.ndarray:
