@@ -26,7 +26,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     art = load_artifact(args.artifact)
     sampler = Sampler(art, role=args.graph, scheduler=args.scheduler, threads=args.threads,
-                      correction={"auto": None, "on": True, "off": False}[args.correction], strict=args.strict)
+                      correction={"auto": None, "on": True, "off": False}[args.correction], strict=args.strict,
+                      trusted=args.trust_artifact)
     res = sampler.sample(args.steps, batch=args.batch, seed=args.seed)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"artifact weights: {sat['encoding']}, {sat['unsafe_pairs']} unsafe pairs, largest same-sign pair "
               f"{sat['max_same_sign_pair']} (limit {sat['limit']})")
     role = args.graph or next((r for r in art.graph_roles if r != "fp32"), "fp32")
-    result = self_check(art, UNetSession(art.graph(role), threads=args.threads))
+    result = self_check(art, UNetSession(art.graph(role), threads=args.threads, trusted=args.trust_artifact))
     if result is None:
         raise ArtifactError(f"artifact {art.path} has no golden probes; re-convert it with this qexport to check it")
     print(result.table())
@@ -72,12 +73,18 @@ def _bench(args: argparse.Namespace) -> int:
 
     roles = args.graphs.split(",") if args.graphs else None
     report = bench(args.artifacts, roles=roles, steps=args.steps, batch=args.batch, threads=args.threads,
-                   scheduler=args.scheduler, memory=not args.no_memory, strict=args.strict)
+                   scheduler=args.scheduler, memory=not args.no_memory, strict=args.strict,
+                   trusted=args.trust_artifact)
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-artifact", action="store_true",
+                   help="the artifact comes from a trusted source: allow .ort graphs (saved runtime optimizations)")
 
 
 def add_bench_arguments(b: argparse.ArgumentParser) -> None:
@@ -90,6 +97,7 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--json", help="write the report here")
     b.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     b.add_argument("--strict", action="store_true", help="refuse a graph that fails its load-time self-check")
+    add_trust_argument(b)
     b.set_defaults(func=_bench)
 
 
@@ -111,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG grid")
     s.add_argument("--strict", action="store_true",
                    help="refuse to sample when the integer graph fails its load-time self-check on this CPU")
+    add_trust_argument(s)
     s.set_defaults(func=_sample)
     c = sub.add_parser("check", help="this CPU's int8 kernel path and the artifact's golden-probe self-check "
                                      "(exit 1 when the integer graph deviates)")
@@ -118,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--graph", default=None, help="graph role to check (default: the integer graph)")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--json", help="write the result here")
+    add_trust_argument(c)
     c.set_defaults(func=_check)
     add_bench_arguments(sub.add_parser("bench", help="latency, memory and size of an artifact's graphs"))
     return p

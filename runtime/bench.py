@@ -69,14 +69,14 @@ def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> fl
 
 def bench(artifacts: list[str], roles: list[str] | None = None, steps: int = 20, batch: int = 1,
           threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True,
-          strict: bool = False) -> dict:
+          strict: bool = False, trusted: bool = False) -> dict:
     entries = []
     for a in artifacts:
         art = load_artifact(a)
         want = roles or [next(r for r in ("int", "qdq") if art.manifest.files_with_role(r)), "fp32"]
         for role in want:
             path = art.graph(role)
-            session = UNetSession(path, threads=threads)
+            session = UNetSession(path, threads=threads, trusted=trusted)
             check = self_check(art, session, strict) if role != "fp32" else None
             entries.append(dict(name=f"{Path(a).name}:{role}", file=str(path), role=role, art=art,
                                 session=session, check=check.to_dict() if check else None))

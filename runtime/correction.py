@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import ArtifactError
+
 CORRECTION_FILE = "correction.json"
 CORRECTION_FORMAT = "qexport-correction/1"
 
@@ -79,7 +81,13 @@ def fit_step(eps_fp: np.ndarray, eps_q: np.ndarray) -> tuple[float, np.ndarray, 
 def load_correction(artifact) -> Correction | None:
     """The artifact's correction, or None if it declares none."""
     names = artifact.manifest.files_with_role("correction")
-    return Correction.load(artifact.path / names[0]) if names else None
+    if not names:
+        return None
+    try:
+        return Correction.load(artifact.path / names[0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, AttributeError) as e:
+        raise ArtifactError(f"{artifact.path / names[0]} is not a valid correction file ({type(e).__name__}); "
+                            f"re-export the artifact") from None
 
 
 __all__ = ["Correction", "CORRECTION_FILE", "fit_step", "load_correction"]

@@ -16,6 +16,7 @@ with every ONNX Runtime optimization off (float-emulated integer math, the same 
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +42,6 @@ class Probes:
         """An `.npz` with fixed zip entry times, so the same probes give the same bytes (np.savez
         stamps the current time into every entry)."""
         import io
-        import zipfile
 
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
             for k in ARRAYS:
@@ -59,8 +59,9 @@ def load_probes(artifact: Artifact) -> Probes | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             p = Probes(**{k: np.asarray(z[k]) for k in ARRAYS})
-    except (OSError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{path} is not a valid probes file ({e}); re-export the artifact") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"{path} is not a valid probes file ({type(e).__name__}); re-export the artifact") \
+            from None
     shape = (len(p.timestep), -1, *artifact.manifest.sample_shape)
     ok = p.timestep.ndim == 1 and all(a.ndim == len(shape) and a.shape[0] == shape[0] and a.shape[2:] == shape[2:]
                                       and a.shape == p.sample.shape and a.dtype == np.float32
@@ -111,7 +112,9 @@ def check_session(artifact: Artifact, session, probes: Probes) -> CheckResult:
         excess.append(_rms(y - fp) / qerr - 1)
         deviation.append(_rms(y - gold) / qerr)
     path = kernel_path()
-    safe = artifact.manifest.extra.get("saturation", {}).get("unsafe_pairs")
+    sat = artifact.manifest.extra.get("saturation")
+    safe = sat.get("unsafe_pairs") if isinstance(sat, dict) else None
+    safe = safe if isinstance(safe, int) else None
     ok = bool(np.all(np.isfinite(excess)) and max(excess) <= EXCESS_TOL and max(deviation) <= DEVIATION_TOL)
     return CheckResult(graph=session.path.name, isa=path.isa, kernel_path=path.u8s8, path_saturates=path.saturates,
                        artifact_saturation_safe=None if safe is None else safe == 0,

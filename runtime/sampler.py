@@ -60,7 +60,7 @@ def denoise_step(sched, eps: np.ndarray, t: int, x: np.ndarray, rng: np.random.G
 class Sampler:
     def __init__(self, artifact: Artifact, role: str | None = None, scheduler: str = "ddim",
                  threads: int | None = None, correction: bool | None = None, check: bool = True,
-                 strict: bool = False, **scheduler_overrides):
+                 strict: bool = False, trusted: bool = False, **scheduler_overrides):
         self.artifact = artifact
         self.graph_path = artifact.graph(role)
         quantized = artifact.manifest.files[self.graph_path.name].role != "fp32"
@@ -75,7 +75,7 @@ class Sampler:
         except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             raise ArtifactError(f"artifact {artifact.path}: its scheduler config does not make a {scheduler} "
                                 f"scheduler ({type(e).__name__}: {str(e)[:120]}); re-export the artifact") from None
-        self.session = UNetSession(self.graph_path, threads=threads,
+        self.session = UNetSession(self.graph_path, threads=threads, trusted=trusted,
                                    num_train_timesteps=artifact.manifest.num_train_timesteps)
         self.check = self_check(artifact, self.session, strict) if (check or strict) and quantized else None
         self.scheduler_name = scheduler

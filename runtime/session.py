@@ -1,7 +1,9 @@
 """One onnxruntime session over a U-Net graph, called once per sampling step with reused buffers.
 
 `UNetSession(path, threads)` binds inputs and a preallocated output through IO binding, so a step
-allocates nothing in Python; `__call__(sample, t)` returns the noise prediction (a view of the
+allocates nothing in Python. Graph files are untrusted: load failures become one-line
+`ArtifactError`s, shapes and time steps are checked, and `.ort` files (which may carry saved runtime
+optimizations) load only with `trusted=True`; `__call__(sample, t)` returns the noise prediction (a view of the
 reused output buffer: copy it if you keep it across steps).
 """
 
@@ -34,9 +36,14 @@ def session_options(threads: int | None = None, emulate: bool = False) -> ort.Se
 
 class UNetSession:
     def __init__(self, path: str | Path, threads: int | None = None,
-                 providers: list[str] | None = None, emulate: bool = False, num_train_timesteps: int | None = None):
+                 providers: list[str] | None = None, emulate: bool = False, num_train_timesteps: int | None = None,
+                 trusted: bool = False):
         t0 = time.perf_counter()
         self.path = Path(path)
+        if self.path.suffix == ".ort" and not trusted:
+            raise ArtifactError(f"{path} is an ORT-format graph, which can carry saved runtime optimizations that "
+                                f"onnxruntime would apply as they are; load it only from an artifact you trust "
+                                f"(--trust-artifact)")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, emulate),
                                                 providers=providers or ["CPUExecutionProvider"])

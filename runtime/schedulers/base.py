@@ -63,6 +63,9 @@ class NoiseScheduleConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
+        betas = self.trained_betas if self.trained_betas is not None else (self.beta_start, self.beta_end)
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas):
+            raise ValueError("betas (beta_start, beta_end or trained_betas) must lie in (0, 1)")
         if not isinstance(self.steps_offset, int) or not 0 <= self.steps_offset < T:
             raise ValueError(f"steps_offset must be an integer in [0, {T}), got {self.steps_offset!r}")
 
