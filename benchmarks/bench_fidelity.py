@@ -26,7 +26,6 @@ Rows are saved as they finish; a rerun skips rows already in the JSON (--rows ID
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

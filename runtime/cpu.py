@@ -51,8 +51,6 @@ def _x86_cpuid() -> dict[str, bool] | None:
     _, ebx7, ecx7, edx7 = regs(7, 0) if max_leaf >= 7 else (0, 0, 0, 0)
     flags = dict(avx=ecx1 >> 28 & 1, avx2=ebx7 >> 5 & 1, avx512f=ebx7 >> 16 & 1, avx512bw=ebx7 >> 30 & 1,
                  avx512_vnni=ecx7 >> 11 & 1, avx_vnni=eax7_1 >> 4 & 1, amx_int8=edx7 >> 25 & 1)
-    del fn
-    buf.close()
     return {k: bool(v) for k, v in flags.items()}
 
 

@@ -45,3 +45,17 @@ def shipped_or_skip(name: str):
     if m is None or not m.is_present():
         pytest.skip(f"shipped model {name} is not present (train it with python -m qexport.zoo.train)")
     return m
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """The tiny U-Net converted with the defaults (reduced calibration, no ε correction): an artifact for
+    runtime tests that need a real one quickly. Tests copy it before changing it."""
+    pytest.importorskip("torch", reason="building the artifact needs the toolchain extra")
+    from qexport.calibrate.api import CalibrationConfig
+    from qexport.calibrate.sources import SourceConfig
+    from qexport.export.pipeline import convert
+
+    return convert(str(tiny_pipeline_dir), tmp_path_factory.mktemp("tiny-art") / "art", correction="off",
+                   calibration=CalibrationConfig(source=SourceConfig(steps=10, samples=40, trajectories=4)),
+                   progress=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import shutil
 import signal
@@ -121,15 +120,6 @@ def test_bad_convert_options(capsys, tiny_pipeline_dir, tmp_path, args, match):
     no_partial(tmp_path / "o")
 
 
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_pipeline_dir, tmp_path_factory):
-    from qexport.calibrate.api import CalibrationConfig
-    from qexport.calibrate.sources import SourceConfig
-    from qexport.export.pipeline import convert
-
-    return convert(str(tiny_pipeline_dir), tmp_path_factory.mktemp("rel") / "art", correction="off",
-                   calibration=CalibrationConfig(source=SourceConfig(steps=10, samples=40, trajectories=4)),
-                   progress=False)
 
 
 @pytest.mark.parametrize("args, match", [(["--batch", "0"], "batch must be ≥ 1"),

@@ -19,16 +19,9 @@ from qexport_runtime.cpu import kernel_path
 from qexport_runtime.probes import PROBES_FILE
 
 
-@pytest.fixture(scope="module")
-def artifact(tiny_pipeline_dir, tmp_path_factory):
-    pytest.importorskip("torch", reason="building the artifact needs the toolchain extra")
-    from qexport.calibrate.api import CalibrationConfig
-    from qexport.calibrate.sources import SourceConfig
-    from qexport.export.pipeline import convert
-
-    return convert(str(tiny_pipeline_dir), tmp_path_factory.mktemp("chk") / "art", correction="off",
-                   calibration=CalibrationConfig(source=SourceConfig(steps=10, samples=40, trajectories=4)),
-                   progress=False)
+@pytest.fixture
+def artifact(tiny_artifact):
+    return tiny_artifact  # conftest: the tiny U-Net converted with the defaults
 
 
 def runtime(*args: str) -> subprocess.CompletedProcess:

@@ -22,16 +22,9 @@ from qexport_runtime.artifact import MANIFEST, ArtifactError, file_entry, load_a
 onnx = pytest.importorskip("onnx", reason="crafting malicious graphs needs onnx")
 
 
-@pytest.fixture(scope="module")
-def artifact(tiny_pipeline_dir, tmp_path_factory):
-    pytest.importorskip("torch", reason="building the artifact needs the toolchain extra")
-    from qexport.calibrate.api import CalibrationConfig
-    from qexport.calibrate.sources import SourceConfig
-    from qexport.export.pipeline import convert
-
-    return convert(str(tiny_pipeline_dir), tmp_path_factory.mktemp("untrusted") / "art", correction="off",
-                   calibration=CalibrationConfig(source=SourceConfig(steps=10, samples=40, trajectories=4)),
-                   progress=False)
+@pytest.fixture
+def artifact(tiny_artifact):
+    return tiny_artifact  # conftest: the tiny U-Net converted with the defaults
 
 
 def sample_cli(art: Path, out: Path) -> subprocess.CompletedProcess:
