@@ -95,6 +95,7 @@ def main(argv=None) -> int:
         save_reference(fp32_reference(load_artifact(next(iter(arts.values()))), cfg, load_extractor(),
                                       progress=False), ref_path)
     report = dict(machine=machine_info(), samples=args.samples, steps=args.steps, rows=[])
+    RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, art in arts.items():
             for path, prefix in (("native", []), ("qemu -cpu Haswell", [qemu, "-cpu", "Haswell"])):
@@ -105,10 +106,15 @@ def main(argv=None) -> int:
                     sys.exit(f"bench_isa: {name} on {path} failed: {r.stderr[-2000:]}")
                 row = dict(variant=name, run=path, **json.loads(out.read_text()))
                 report["rows"].append(row)
+                write_results(report, args)                     # after every row: a partial run still reports
                 print(f"{name:<26} {row['isa']:<22} FD {row['fd_to_fp32']:.4f} ({row['fd_to_fp32_pct_floor']:.2f}% "
                       f"floor) labels {row['label_agreement']:.2%} PSNR {row['psnr_db']:.2f} "
                       f"check {'ok' if row['check']['ok'] else 'DEVIATES'}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
+    print(write_results(report, args))
+    return 0
+
+
+def write_results(report: dict, args) -> str:
     (RESULTS / "isa_fidelity.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Fidelity per int8 kernel path ({MAIN}, DDIM-{args.steps}, {args.samples} samples)", "",
              f"Host: {report['machine']['cpu']}, onnxruntime {report['machine']['onnxruntime']}. The FP32 reference "
@@ -120,8 +126,7 @@ def main(argv=None) -> int:
                      f"{r['fd_to_fp32_pct_floor']:.2f}% | {r['label_agreement']:.2%} | {r['psnr_db']:.2f} | "
                      f"{r['ssim']:.4f} | {'ok' if r['check']['ok'] else 'DEVIATES'} |")
     (RESULTS / "isa_fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

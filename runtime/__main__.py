@@ -46,7 +46,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .sampler import self_check
+    from .probes import self_check
     from .session import UNetSession
 
     art = load_artifact(args.artifact)

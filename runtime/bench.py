@@ -23,7 +23,8 @@ import numpy as np
 
 from .artifact import load_artifact
 from .cpu import kernel_path
-from .sampler import initial_noise, self_check
+from .probes import self_check
+from .sampler import initial_noise
 from .schedulers import make_scheduler
 from .session import UNetSession
 

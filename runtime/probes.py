@@ -1,4 +1,5 @@
-"""Load-time self-check: the artifact's golden probes run through a quantized graph on this CPU.
+"""Load-time self-check: the artifact's golden probes run through a quantized graph on this CPU
+(`self_check(artifact, session)`: what the sampler, `bench` and `check` call once per session).
 
 `probes.npz` (manifest role `probes`) holds a few `(sample, t)` pairs from the FP32 model's own
 sampling trajectories with two references computed at convert time: `golden`, the QDQ graph run
@@ -16,6 +17,7 @@ with every ONNX Runtime optimization off (float-emulated integer math, the same 
 
 from __future__ import annotations
 
+import sys
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,3 +123,16 @@ def check_session(artifact: Artifact, session, probes: Probes) -> CheckResult:
                        timesteps=[int(t) for t in probes.timestep], excess=[float(e) for e in excess],
                        deviation=[float(d) for d in deviation], ok=ok)
 
+
+def self_check(artifact: Artifact, session, strict: bool = False) -> CheckResult | None:
+    """The golden-probe check of a quantized graph's session (None: the artifact has no probes).
+    Deviation warns on stderr, or raises ArtifactError with `strict`."""
+    probes = load_probes(artifact)
+    if probes is None:
+        return None
+    result = check_session(artifact, session, probes)
+    if not result.ok:
+        if strict:
+            raise ArtifactError(f"{session.path.name}: {result.verdict}")
+        print(f"qexport_runtime: warning: {session.path.name}: {result.verdict}", file=sys.stderr)
+    return result

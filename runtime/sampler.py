@@ -12,7 +12,6 @@ integer kernels deviate; `strict` refuses instead.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from .artifact import Artifact, ArtifactError
 from .correction import load_correction
-from .probes import CheckResult, check_session, load_probes
+from .probes import self_check
 from .schedulers import make_scheduler
 from .session import UNetSession
 
@@ -108,16 +107,3 @@ class Sampler:
             res.trajectory = np.stack(traj)
         return res
 
-
-def self_check(artifact: Artifact, session: UNetSession, strict: bool = False) -> CheckResult | None:
-    """The golden-probe check of a quantized graph's session (None: the artifact has no probes).
-    Deviation warns on stderr, or raises ArtifactError with `strict`."""
-    probes = load_probes(artifact)
-    if probes is None:
-        return None
-    result = check_session(artifact, session, probes)
-    if not result.ok:
-        if strict:
-            raise ArtifactError(f"{session.path.name}: {result.verdict}")
-        print(f"qexport_runtime: warning: {session.path.name}: {result.verdict}", file=sys.stderr)
-    return result

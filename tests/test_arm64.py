@@ -28,7 +28,7 @@ PROBE_RUN = textwrap.dedent("""
     import json, platform, sys, numpy as np
     from qexport_runtime.artifact import load_artifact
     from qexport_runtime.probes import load_probes
-    from qexport_runtime.sampler import self_check
+    from qexport_runtime.probes import self_check
     from qexport_runtime.session import UNetSession
     art = load_artifact(sys.argv[1])
     s = UNetSession(art.graph("int"), threads=2)
