@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ..tables.weights import PAIR_LIMIT, k_pairs, unsafe_pairs
+from ..tables.weights import PAIR_LIMIT, k_pairs
 
 # op → (index of the integer weight input, how to bring it to [O, I, *k])
 _WEIGHT = {"QLinearConv": (3, lambda w: w), "QLinearMatMul": (3, lambda w: w.T),
@@ -31,8 +31,8 @@ def pair_report(model: onnx.ModelProto) -> dict:
             continue
         w = to_oik(numpy_helper.to_array(t).astype(np.int32))
         kernels += 1
-        unsafe += int(unsafe_pairs(w).sum())
         p = k_pairs(w)
-        same = p[..., 0] * p[..., 1] > 0
-        worst = max(worst, int(np.where(same, np.abs(p).sum(axis=-1), 0).max(initial=0)))
+        same_sign_sum = np.where(p[..., 0] * p[..., 1] > 0, np.abs(p).sum(axis=-1), 0)
+        unsafe += int((same_sign_sum > PAIR_LIMIT).sum())      # tables.weights.unsafe_pairs, from the same pairs
+        worst = max(worst, int(same_sign_sum.max(initial=0)))
     return dict(kernels=kernels, unsafe_pairs=unsafe, max_same_sign_pair=worst, limit=PAIR_LIMIT)
