@@ -248,3 +248,24 @@ def test_sampling_the_shipped_artifact_keeps_digits(tmp_path):
     out = convert(MAIN_MODEL, tmp_path / "main", calibration=CAL, progress=False)
     images = Sampler(load_artifact(out), role="int", threads=2).sample(50, batch=64, seed=0).images
     assert classifier_verdict(images)["confident_share"] >= 0.6
+
+
+def test_fp32_graph_has_constant_reshapes_no_bias_round_trip_and_equals_torch(built):
+    """FoldShapes and CancelBiasRoundTrip: the FP32 reference is the lean graph a user would export
+    (no Shape-chain plumbing, no `Sub(y, b) + b` pairs) and still equals torch at several batch sizes."""
+    from qexport.export.pipeline import fp32_graph
+
+    model, _, marked, _, _ = built
+    fp32 = fp32_graph(marked)
+    ops = [n.op_type for n in fp32.graph.node]
+    assert ops.count("Sub") == 0, "bias round trips left in the FP32 graph"
+    inits = {t.name for t in fp32.graph.initializer} | {
+        o for n in fp32.graph.node if n.op_type == "Constant" for o in n.output}
+    computed = [n for n in fp32.graph.node if n.op_type == "Reshape" and n.input[1] not in inits]
+    assert not computed, f"{len(computed)} Reshapes still compute their target shape"
+    assert ops.count("Shape") <= 2, f"{ops.count('Shape')} Shape nodes left"
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, *model.sample_shape)).astype(np.float32)
+        with torch.no_grad():
+            ref = model.unet(torch.from_numpy(x), torch.tensor([321])).sample.numpy()
+        np.testing.assert_allclose(run(fp32, x, 321), ref, atol=2e-4, rtol=1e-4)

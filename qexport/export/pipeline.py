@@ -21,7 +21,7 @@ from .artifact import ArtifactWriter
 from .correction import fit_correction
 from .probes import make_probes
 from .saturation import pair_report
-from .passes import StripTaps
+from .passes import CancelBiasRoundTrip, FoldShapes, StripTaps
 from .to_onnx import export_marked
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,12 @@ def io_spec(model: LoadedModel) -> tuple[list, list]:
 
 
 def marked_graph(model: LoadedModel, workdir: Path) -> onnx.ModelProto:
+    """The marked FP32 export with constant reshape targets (shared by every graph of the artifact)."""
     path = workdir / "marked.onnx"
     export_marked(model.unet, path)
-    return onnx.load(str(path))
+    marked = onnx.load(str(path))
+    FoldShapes(model.sample_shape, model.num_train_timesteps)(marked)
+    return marked
 
 
 def fp32_graph(marked: onnx.ModelProto) -> onnx.ModelProto:
@@ -49,6 +52,7 @@ def fp32_graph(marked: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(marked)
     StripTaps()(model)
+    CancelBiasRoundTrip()(model)
     model = to_opset(model)
     onnx.checker.check_model(model)
     return model
@@ -96,6 +100,7 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
     DetachBias()(model)
     params = LookupParams(model.graph, table) if group is None else ConstantParams(model.graph, table, group)
     QuantizeActivations(params)(model)
+    CancelBiasRoundTrip()(model)
     model = to_opset(model)
     QuantizeWeights(table)(model)
     prune_initializers(model.graph)

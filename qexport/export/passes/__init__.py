@@ -1,11 +1,13 @@
 """Graph passes over the marked FP32 graph, one per file. Their order is declared once, in
 qexport.export.pipeline."""
 
+from .cancel_bias import CancelBiasRoundTrip
 from .compact_names import CompactNames
 from .detach_bias import DetachBias
+from .fold_shapes import FoldShapes
 from .lower_integer import LowerToInteger
 from .quantize_activations import QuantizeActivations
 from .quantize_weights import QuantizeWeights
 from .strip_taps import StripTaps
 
-__all__ = ["CompactNames", "DetachBias", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps"]
+__all__ = ["CancelBiasRoundTrip", "CompactNames", "DetachBias", "FoldShapes", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps"]
