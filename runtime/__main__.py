@@ -3,6 +3,7 @@
     python -m qexport_runtime sample ARTIFACT --steps 50 --batch 16 -o out/
     python -m qexport_runtime bench ARTIFACT [ARTIFACT ...] --steps 20 --batch 1 --threads 4 --json bench.json
     python -m qexport_runtime check ARTIFACT [--json check.json]
+    python -m qexport_runtime generate ARTIFACT --steps 20 --batch 4 [--png] -o out/   (one-call graph)
 """
 
 from __future__ import annotations
@@ -42,6 +43,26 @@ def _sample(args: argparse.Namespace) -> int:
     (out / "sample.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out/'samples.png'} and {out/'samples.npy'} ({args.batch} images, {args.steps} steps, "
           f"{summary['step_ms_median']:.1f} ms/step, graph {sampler.graph_path.name})")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineSession
+
+    art = load_artifact(args.artifact)
+    session = PipelineSession(art, png=args.png, threads=args.threads)
+    res = session.generate(args.steps, batch=args.batch, seed=args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "images.npy", res.images)
+    if res.png is not None:
+        (out / "image0.png").write_bytes(res.png)
+    summary = dict(artifact=str(art.path), graph=session.path.name, steps=args.steps, batch=args.batch, seed=args.seed,
+                   seconds=res.seconds, load_ms=session.load_ms, png="image0.png" if res.png is not None else None,
+                   cpu=kernel_path().to_dict())
+    (out / "generate.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out/'images.npy'}" + (f" and {out/'image0.png'}" if res.png is not None else "")
+          + f" ({args.batch} images, {args.steps} steps in one call, {res.seconds:.2f} s, graph {session.path.name})")
     return 0
 
 
@@ -129,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="write the result here")
     add_trust_argument(c)
     c.set_defaults(func=_check)
+    g = sub.add_parser("generate", help="images from the artifact's one-call pipeline graph (convert --pipeline-graph)")
+    g.add_argument("artifact")
+    g.add_argument("-o", "--output", required=True, help="folder for images.npy (and image0.png), generate.json")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--png", action="store_true", help="use the PNG variant (needs onnxruntime-extensions)")
+    g.set_defaults(func=_generate)
     add_bench_arguments(sub.add_parser("bench", help="latency, memory and size of an artifact's graphs"))
     return p
 

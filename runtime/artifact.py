@@ -16,8 +16,9 @@ from pathlib import Path, PurePosixPath
 
 FORMAT = "qexport-artifact/1"
 MANIFEST = "manifest.json"
-# Roles of graph files, in the order the sampler prefers them.
-GRAPH_ROLES = ("int", "qdq", "static-group", "fp32")
+# Roles of U-Net graph files, in the order the sampler prefers them (`ort`, the ORT-format copy of
+# the integer graph, only when asked for: it loads only from a trusted artifact).
+GRAPH_ROLES = ("int", "qdq", "static-group", "fp32", "ort")
 
 
 class ArtifactError(Exception):

@@ -16,6 +16,12 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tables", help="reuse tables written by `qexport calibrate` instead of calibrating")
     p.add_argument("--static-groups", action="store_true",
                    help="also write one constant-scale QDQ graph per time-step group (for NPU providers)")
+    p.add_argument("--pipeline-graph", action="store_true",
+                   help="also write the one-call sampling graph (noise, steps → image; PNG too with "
+                        "onnxruntime-extensions)")
+    p.add_argument("--mobile", choices=["arm", "amd64"], default=None,
+                   help="also write .ort copies of the integer graphs and the operator config of a reduced "
+                        "ONNX Runtime build, for this target")
     p.add_argument("--correction", choices=["auto", "on", "off"], default="auto",
                    help="per-step ε correction fitted on the integer graph: auto = enabled when it lowers the "
                         "held-out ε error (default), on, off")
@@ -34,16 +40,17 @@ def _run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..export.pipeline import convert
+    from ..export.pipeline import ConvertConfig, convert
     from qexport_runtime.artifact import load_artifact
 
     method = args.method or "mse"
     cfg = calibration_config(args, method="minmax") if method == "static" else calibration_config(args)
     out = Path(args.output or f"{Path(args.model_id).name}-w{args.bits}a8")
-    convert(args.model_id, out, bits=args.bits, groups=args.groups, method=method, calibration=cfg,
-            tables=args.tables, static_groups=args.static_groups, overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle, correction=args.correction, rounding=args.rounding,
-            threads=args.threads, progress=sys.stderr.isatty())
+    conf = ConvertConfig(bits=args.bits, groups=args.groups, method=method, calibration=cfg, tables=args.tables,
+                         static_groups=args.static_groups, correction=args.correction, rounding=args.rounding,
+                         threads=args.threads, pipeline_graph=args.pipeline_graph, mobile=args.mobile)
+    convert(args.model_id, out, conf, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+            progress=sys.stderr.isatty())
     art = load_artifact(out)
     m = art.manifest
     fp32 = next(e.bytes for e in m.files.values() if e.role == "fp32")
@@ -55,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{c['heldout_image_rmse_corrected']:.4f} ({-100 * c['heldout_gain']:+.1f}%), "
               f"{'enabled' if c['enabled'] else 'stored but off by default (it does not help here)'}")
     for name, e in m.files.items():
-        ratio = f"{e.bytes / fp32:5.2f}x fp32" if e.role in ("qdq", "int", "static-group") else ""
+        ratio = f"{e.bytes / fp32:5.2f}x fp32" if e.role in ("qdq", "int", "static-group", "ort", "pipeline") else ""
         print(f"  {name:<28} {e.role:<13} {e.bytes:>11,} B  {ratio}")
     print(json.dumps({"artifact": str(out), "groups": m.groups, "bits": m.bits}))
     return 0

@@ -127,19 +127,47 @@ STATIC_GROUP_FILE = "unet_static_g{group:03d}.onnx"
 SHARED_WEIGHTS = "static_groups.weights"
 
 
-def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None = None, method: str = "mse",
-            calibration=None, tables: str | Path | None = None, static_groups: bool = False,
-            overwrite: bool = False, allow_pickle: bool = False, progress: bool = True,
-            correction: str = "auto", rounding: str | None = None, threads: int | None = None) -> Path:
-    """The main job: MODEL_ID → calibrated tables → artifact folder (FP32, QDQ, integer graphs).
-
-    `correction`: "auto" fits the per-step ε correction on the integer graph and enables it when it
-    helps on held-out trajectories, "on" enables it regardless, "off" fits none.
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """What `convert` builds. `correction`: "auto" fits the per-step ε correction on the integer graph
+    and enables it when it helps on held-out trajectories, "on" enables it regardless, "off" fits none.
     `rounding`: "nearest" or "learned" integer weights (default: learned at 4 bits, nearest at 8).
-
     `method="static"` is the baseline ORT's quantize_static would give (K=1, min/max ranges,
     Conv/MatMul/Gemm including the first and last layer), exported through the same passes with
-    constant scales (and saturation-safe weights, which cost no speed)."""
+    constant scales (and saturation-safe weights, which cost no speed). `pipeline_graph` adds the
+    one-call sampling graph (and its PNG variant when onnxruntime-extensions is installed);
+    `mobile` ("arm" or "amd64") adds `.ort` copies of the integer (and static-group) graphs and the
+    operator config of a reduced ONNX Runtime build."""
+    bits: int = 8
+    groups: int | None = None
+    method: str = "mse"
+    calibration: object = None            # qexport.calibrate.api.CalibrationConfig
+    tables: str | Path | None = None      # reuse tables written by `qexport calibrate`
+    static_groups: bool = False
+    correction: str = "auto"
+    rounding: str | None = None
+    threads: int | None = None            # onnxruntime threads for the correction fit and probes
+    pipeline_graph: bool = False
+    mobile: str | None = None
+
+    def check(self) -> None:
+        from ..errors import QexportError
+        from .mobile import TARGETS
+
+        if self.bits not in (4, 8):
+            raise QexportError(f"--bits must be 4 or 8, got {self.bits}")
+        if self.correction not in ("auto", "on", "off"):
+            raise QexportError(f"--correction must be auto, on or off, got {self.correction!r}")
+        if self.rounding not in (None, "nearest", "learned"):
+            raise QexportError(f"--rounding must be nearest or learned, got {self.rounding!r}")
+        if self.mobile not in (None, *TARGETS):
+            raise QexportError(f"--mobile must be one of {', '.join(TARGETS)}, got {self.mobile!r}")
+
+
+def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None, *, overwrite: bool = False,
+            allow_pickle: bool = False, progress: bool = True, **options) -> Path:
+    """The main job: MODEL_ID → calibrated tables → artifact folder (FP32, QDQ, integer graphs, and
+    what `config` adds). Keyword `options` override fields of `config` (see ConvertConfig)."""
     from tqdm import tqdm
 
     from ..calibrate.api import CalibrationConfig, calibrate
@@ -148,14 +176,12 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
     from ..tables.ranges import RangeConfig
     from ..tables.schema import QuantTable
 
-    if bits not in (4, 8):
-        raise QexportError(f"--bits must be 4 or 8, got {bits}")
-    if correction not in ("auto", "on", "off"):
-        raise QexportError(f"--correction must be auto, on or off, got {correction!r}")
-    rounding = rounding or ("learned" if bits == 4 else "nearest")
-    if rounding not in ("nearest", "learned"):
-        raise QexportError(f"--rounding must be nearest or learned, got {rounding!r}")
-    cfg = calibration or CalibrationConfig()
+    conf = dataclasses.replace(config or ConvertConfig(), **options)
+    conf.check()
+    bits, groups, method, tables, correction, threads = (conf.bits, conf.groups, conf.method, conf.tables,
+                                                         conf.correction, conf.threads)
+    rounding = conf.rounding or ("learned" if bits == 4 else "nearest")
+    cfg = conf.calibration or CalibrationConfig()
     if method == "static":
         cfg = dataclasses.replace(cfg, table=TableConfig(groups=1, range=RangeConfig(method="minmax"), weight_bits=bits,
                                                          weight_mse=False, zero_point="per-group",
@@ -168,7 +194,8 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
     model = load_model(model_id, allow_pickle=allow_pickle)  # bad input fails before any progress output
     if Path(out).exists() and not overwrite:
         raise QexportError(f"output folder {out} already exists; pass --overwrite or choose another -o")
-    stages = tqdm(total=5 + (1 if static_groups else 0) + (correction != "off") + (rounding == "learned"),
+    stages = tqdm(total=5 + conf.static_groups + (correction != "off") + (rounding == "learned") + conf.pipeline_graph
+                  + bool(conf.mobile),
                   desc="convert", disable=not progress)
     stages.update(1)
     if tables is not None:
@@ -213,8 +240,15 @@ def convert(model_id: str, out: str | Path, *, bits: int = 8, groups: int | None
             fitted.save(w.add(CORRECTION_FILE, "correction"))
             extra["correction"] = dict(file=CORRECTION_FILE, enabled=fitted.enabled, **fitted.fit)
             stages.update(1)
-        if static_groups:
+        if conf.static_groups:
             extra["static_groups"] = write_static_groups(marked, table, w)
+            stages.update(1)
+        if conf.pipeline_graph:
+            enabled = fitted if correction != "off" and fitted.enabled else None
+            extra["pipeline"] = write_pipeline_graphs(integer, model, enabled, w)
+            stages.update(1)
+        if conf.mobile:
+            extra["mobile"] = write_ort(w, conf.mobile)
             stages.update(1)
         table.save(w.dir)
         w.add("tables.json", "tables")
@@ -241,3 +275,43 @@ def write_static_groups(marked: onnx.ModelProto, table, w: ArtifactWriter) -> di
     shared.close()
     w.add(SHARED_WEIGHTS, "weights")
     return dict(files=files, group_of_t_in="tables.safetensors", shared_weights=SHARED_WEIGHTS)
+
+
+def write_pipeline_graphs(integer: onnx.ModelProto, model: LoadedModel, correction, w: ArtifactWriter) -> dict:
+    """The one-call sampling graph around the integer U-Net, and its PNG variant when
+    onnxruntime-extensions is importable (manifest roles `pipeline`, `pipeline-png`)."""
+    from importlib.util import find_spec
+
+    from .pipeline_graph import PIPELINE_FILE, PIPELINE_PNG_FILE, PipelineSpec, build_pipeline_graph, io_spec
+
+    info = {}
+    variants = [(PIPELINE_FILE, "pipeline", False)]
+    if find_spec("onnxruntime_extensions") is not None:
+        variants.append((PIPELINE_PNG_FILE, "pipeline-png", True))
+    else:
+        log.warning("onnxruntime-extensions is not installed: writing %s without the PNG variant", PIPELINE_FILE)
+    for name, role, png in variants:
+        spec = PipelineSpec(model.scheduler_config, tuple(model.sample_shape), correction, png=png)
+        graph = build_pipeline_graph(integer, spec)
+        onnx.save(graph, str(w.add(name, role)))
+        inputs, outputs = io_spec(model.sample_shape, png)
+        info[name] = dict(role=role, scheduler="ddim", eta=0.0, unet="unet_int.onnx",
+                          correction=correction is not None, inputs=inputs, outputs=outputs,
+                          custom_ops="onnxruntime-extensions" if png else None)
+    return info
+
+
+def write_ort(w: ArtifactWriter, target: str) -> dict:
+    """`.ort` copies of the integer and static-group graphs plus their operator config (roles `ort`,
+    `static-group-ort`, `ort-config`)."""
+    from .mobile import LEVEL, to_ort
+
+    m = w.roles
+    graphs = [w.dir / n for n, role in m.items() if role in ("int", "static-group")]
+    extra = [w.dir / SHARED_WEIGHTS] if (w.dir / SHARED_WEIGHTS).exists() else []
+    written, config = to_ort(graphs, w.dir, target, extra)
+    for g, ort_path in zip(graphs, written):
+        w.add(ort_path.name, "ort" if m[g.name] == "int" else "static-group-ort")
+    w.add(config.name, "ort-config")
+    return dict(target=target, optimization_level=LEVEL, style="Fixed", files=[p.name for p in written],
+                config=config.name)
