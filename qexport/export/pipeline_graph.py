@@ -9,8 +9,8 @@ of the first image, from onnxruntime-extensions' `EncodeImage`.
 
 The arithmetic follows qexport_runtime's numpy sampler operation by operation in float32, with the
 per-time-step scalars tabulated by the same numpy expressions, so the graph gives the sampler's
-pixels. The U-Net's initializers live in the outer graph (the body reads them from there), so the
-file is the size of the U-Net graph plus a few kilobytes of tables.
+pixels. The U-Net's initializers are the body's own (constant there, so onnxruntime prepacks the
+integer weights as in the U-Net graph); the file is the U-Net graph plus a few kilobytes of tables.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def build_pipeline_graph(unet: onnx.ModelProto, spec: PipelineSpec) -> onnx.Mode
          helper.make_tensor_value_info("cond", TensorProto.BOOL, []), sample_t],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["batch", c, h, w])],
-        initializer=body.inits)
+        initializer=list(unet.graph.initializer) + body.inits)
 
     outer.nodes.append(helper.make_node("Loop", [n, "", "noise"], ["x_0"], name="pl/loop", body=body_graph))
     # image = uint8(clip((x + 1) · 127.5 + 0.5, 0, 255)) as [batch, H, W, C] (runtime.images.to_uint8)
@@ -187,7 +187,7 @@ def build_pipeline_graph(unet: onnx.ModelProto, spec: PipelineSpec) -> onnx.Mode
         outer.nodes, "qexport_pipeline",
         [helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", c, h, w]),
          helper.make_tensor_value_info("steps", TensorProto.INT64, [1])],
-        outputs, initializer=list(unet.graph.initializer) + outer.inits)
+        outputs, initializer=outer.inits)
     model = helper.make_model(graph, opset_imports=opsets, producer_name="qexport")
     model.ir_version = unet.ir_version
     return model
