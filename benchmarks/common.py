@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qexport.zoo.cost import unet_ops  # noqa: F401  (re-exported for the scripts)
 from qexport_runtime.bench import machine_info  # noqa: F401  (re-exported for the scripts)
 
 CIFAR10_CONFIG = dict(  # google/ddpm-cifar10-32's UNet2DModel config (35.7M parameters)
@@ -103,43 +104,3 @@ def gemm_peak(threads: int, n: int = 1024, reps: int = 10) -> dict:
         t = interleaved({name: lambda: s.run(None, {"a": x})}, reps)[name]
         res[f"{name}_gops"] = 2 * n ** 3 / np.median(t) / 1e9
     return res
-
-
-def unet_ops(unet, sample_shape: tuple) -> float:
-    """Operations (2 × multiply-accumulates) of Conv2d, Linear and attention matmuls for one sample
-    (equal to torch.utils.flop_counter's count: tests/test_bench.py)."""
-    import torch
-
-    from qexport.zoo.taps import install_taps, remove_taps
-
-    macs = [0]
-    seen = {}
-
-    def tap(site, x):
-        if site.endswith((".qk.a", ".qk.b", ".pv.a", ".pv.b")):
-            seen[site] = x.shape
-            if site.endswith(".qk.b"):
-                a = seen[site[:-1] + "a"]
-                macs[0] += a[0] * a[1] * a[2] * x.shape[1]
-            if site.endswith(".pv.b"):
-                a = seen[site[:-1] + "a"]
-                macs[0] += a[0] * a[1] * a[2] * x.shape[2]
-        return x
-
-    def conv_hook(m, args, out):
-        w = m.weight
-        macs[0] += out.numel() * (w.numel() // w.shape[0])
-
-    # taps first: install_taps runs a probing forward pass of its own, which must not be counted
-    handles = install_taps(unet, tap)
-    macs[0] = 0
-    hooks = [m.register_forward_hook(conv_hook) for m in unet.modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            unet(torch.zeros(1, *sample_shape), torch.tensor([500]))
-    finally:
-        remove_taps(handles)
-        for h in hooks:
-            h.remove()
-    return 2.0 * macs[0]

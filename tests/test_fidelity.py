@@ -187,3 +187,49 @@ def test_cli_eval_reports_every_metric(small_artifact, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qexport.cli.main", "eval", str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+
+
+def test_correction_work_is_bounded_for_large_models():
+    """plan_work: the shipped-size model keeps the full fit and decision; a cifar-size U-Net (12.4 GOP per
+    call) drops to 20 steps and the floors, near the budget instead of 18 times over it."""
+    from qexport.export.correction import CorrectionConfig, plan_work
+
+    cfg = CorrectionConfig()
+    small = plan_work(cfg, 0.131)
+    assert (small.trajectories, small.steps, small.heldout) == (cfg.trajectories, cfg.steps, cfg.heldout)
+    big = plan_work(cfg, 12.44)
+    full = plan_work(dataclasses_replace(cfg, work_gop=1e12), 12.44)
+    assert full.work_gop > 15 * cfg.work_gop
+    assert big.steps == cfg.min_steps and big.trajectories >= cfg.min_trajectories and big.heldout >= cfg.min_heldout
+    assert big.work_gop <= 1.05 * cfg.work_gop
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_gain_interval_brackets_the_gain_and_narrows_with_seeds():
+    from qexport.export.correction import gain_interval, pooled_gain
+
+    rng = np.random.default_rng(1)
+    for n, width in ((16, None), (256, None)):
+        raw = rng.gamma(4.0, 1.0, n)
+        cor = raw * rng.normal(0.8, 0.1, n) ** 2           # ~20% lower RMS per seed
+        lo, hi = gain_interval(raw, cor, 0.95)
+        assert lo < pooled_gain(raw, cor) < hi
+        assert gain_interval(raw, cor, 0.95) == (lo, hi)   # deterministic: artifacts stay reproducible
+        if n == 16:
+            w16 = hi - lo
+    assert hi - lo < w16 / 2
+
+
+def test_convert_records_the_decisions_seeds_and_interval(small_artifact):
+    from qexport_runtime.artifact import load_artifact
+
+    fit = load_artifact(small_artifact).manifest.extra["correction"]
+    lo, hi = fit["heldout_gain_interval"]
+    assert lo <= fit["heldout_gain"] <= hi and fit["confidence"] == 0.95
+    assert 16 <= fit["heldout_seeds"] <= 128 and fit["decided_early"] == (fit["heldout_seeds"] < 128)
+    assert fit["work_gop"] > 0

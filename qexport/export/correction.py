@@ -6,6 +6,11 @@ integer graph's error on the FP32 prediction. Whether the sampler applies it by 
 on held-out seeds by what users see: the integer sampling loop's final images with and without the
 correction against the FP32 loop's (RMS); on only if the correction lowers that error. (The per-step
 held-out ε error is reported too; at 8 bits it barely moves, while the images still improve.)
+
+The work is bounded: for a model whose trajectories and held-out loops would cost more than
+`work_gop` U-Net operations, `plan_work` takes fewer steps, trajectories and seeds (down to floors),
+and the held-out decision runs sequentially, stopping once its bootstrap interval is clear of the
+threshold; the manifest records the seeds used, the gain and its interval (the decision's power).
 """
 
 from __future__ import annotations
@@ -24,13 +29,48 @@ from qexport_runtime.session import UNetSession
 
 @dataclass(frozen=True, kw_only=True)
 class CorrectionConfig:
-    trajectories: int = 96      # fitted on the first 2/3, the default decided on the last 1/3
+    trajectories: int = 96      # fitted on the first 2/3, the per-step held-out ε error on the last 1/3
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 7_000
-    heldout: int = 128          # held-out seeds whose final images decide the default
+    heldout: int = 128          # at most this many held-out seeds decide the default
     min_gain: float = 0.05      # relative reduction of their RMS error needed to enable it by default
                                 # (at W8 its effect is within ±10% either way: noise; at W4, 20-30%)
+    work_gop: float = 20_000    # U-Net operations (GOP) the fit and the decision may spend: ~2 min on 2 cores
+    min_trajectories: int = 16  # floors when a large model's work must shrink
+    min_steps: int = 20
+    min_heldout: int = 16
+    chunk: int = 16             # held-out seeds per round of the sequential decision
+    confidence: float = 0.95    # the decision stops early once this bootstrap interval excludes min_gain
+
+
+@dataclass(frozen=True)
+class CorrectionPlan:
+    """How much of CorrectionConfig a model of `gop` operations per U-Net call can afford."""
+    trajectories: int
+    steps: int
+    heldout: int
+    gop: float | None
+
+    @property
+    def work_gop(self) -> float:   # fit: FP32 + int per trajectory step; decision: FP32 + 2 int loops per seed
+        return (self.gop or 0.0) * self.steps * (2 * self.trajectories + 3 * self.heldout)
+
+
+def plan_work(cfg: CorrectionConfig, gop: float | None) -> CorrectionPlan:
+    """The full configuration if it fits `cfg.work_gop`; otherwise fewer steps (down to min_steps), then
+    fewer trajectories and held-out seeds (2 : 3 of the budget, down to their floors)."""
+    full = CorrectionPlan(cfg.trajectories, cfg.steps, cfg.heldout, gop)
+    if gop is None or full.work_gop <= cfg.work_gop:
+        return full
+    steps = cfg.steps
+    if CorrectionPlan(cfg.min_trajectories, steps, cfg.min_heldout, gop).work_gop > cfg.work_gop:
+        steps = min(cfg.steps, cfg.min_steps)
+    per = gop * steps
+    traj = int(np.clip(0.4 * cfg.work_gop / (2 * per), cfg.min_trajectories, cfg.trajectories))
+    held = int(np.clip(0.6 * cfg.work_gop / (3 * per), cfg.min_heldout, cfg.heldout))
+    held = max(cfg.min_heldout, held // cfg.chunk * cfg.chunk) if held >= cfg.chunk else held
+    return CorrectionPlan(traj, steps, held, gop)
 
 
 def paired_predictions(int_graph: Path, fp32_graph: Path, scheduler_config: dict, sample_shape,
@@ -51,7 +91,11 @@ def paired_predictions(int_graph: Path, fp32_graph: Path, scheduler_config: dict
 
 def fit_correction(int_graph: Path, fp32_graph: Path, scheduler_config: dict, sample_shape,
                    cfg: CorrectionConfig = CorrectionConfig(), threads: int | None = None,
-                   progress: bool = True) -> Correction:
+                   progress: bool = True, gop: float | None = None) -> Correction:
+    """Fit on FP32 trajectories and decide the default on held-out seeds; `gop` (operations per U-Net
+    call, qexport.zoo.cost.unet_ops / 1e9) bounds the work by cfg.work_gop (see plan_work)."""
+    plan = plan_work(cfg, gop)
+    cfg = dataclasses.replace(cfg, trajectories=plan.trajectories, steps=plan.steps, heldout=plan.heldout)
     n_fit = max(2, cfg.trajectories * 2 // 3)
     ts, ks, bs, vs, raw, cor = [], [], [], [], [], []
     for t, ef, eq in paired_predictions(int_graph, fp32_graph, scheduler_config, sample_shape, cfg, threads,
@@ -65,28 +109,72 @@ def fit_correction(int_graph: Path, fp32_graph: Path, scheduler_config: dict, sa
         ts.append(t), ks.append(k), bs.append(b), vs.append(v)
     order = np.argsort(ts)
     corr = Correction(np.asarray(ts)[order], np.asarray(ks)[order], np.asarray(bs)[order], np.asarray(vs)[order])
-    img_raw, img_cor = final_image_error(int_graph, fp32_graph, scheduler_config, sample_shape, corr, cfg, threads)
-    gain = 1.0 - img_cor / max(img_raw, 1e-30)
+    d = decide(int_graph, fp32_graph, scheduler_config, sample_shape, corr, cfg, threads, progress)
     fit = dict(trajectories=cfg.trajectories, scheduler=cfg.scheduler, steps=cfg.steps, seed=cfg.seed,
                heldout_eps_mse=float(np.mean(raw)), heldout_eps_mse_corrected=float(np.mean(cor)),
-               heldout_seeds=cfg.heldout, heldout_image_rmse=img_raw, heldout_image_rmse_corrected=img_cor,
-               heldout_gain=gain, min_gain=cfg.min_gain)
-    return dataclasses.replace(corr, enabled=bool(gain >= cfg.min_gain), fit=fit)
+               heldout_seeds=d.seeds, heldout_image_rmse=d.rmse_raw, heldout_image_rmse_corrected=d.rmse_corrected,
+               heldout_gain=d.gain, heldout_gain_interval=list(d.interval), confidence=cfg.confidence,
+               decided_early=d.early, min_gain=cfg.min_gain, work_gop=round(plan.work_gop, 1))
+    return dataclasses.replace(corr, enabled=bool(d.gain >= cfg.min_gain), fit=fit)
 
 
-def final_image_error(int_graph: Path, fp32_graph: Path, scheduler_config: dict, sample_shape,
-                      corr: Correction, cfg: CorrectionConfig, threads: int | None = None) -> tuple[float, float]:
-    """RMS of the integer loop's final images vs the FP32 loop's, without and with `corr`, on
-    `cfg.heldout` seeds disjoint from the fitting trajectories."""
+@dataclass(frozen=True)
+class Decision:
+    seeds: int
+    rmse_raw: float
+    rmse_corrected: float
+    gain: float
+    interval: tuple[float, float]   # bootstrap interval of the gain over seeds at cfg.confidence
+    early: bool                     # stopped before cfg.heldout seeds because the interval excluded min_gain
+
+
+def pooled_gain(sse_raw: np.ndarray, sse_cor: np.ndarray) -> float:
+    return float(1.0 - np.sqrt(sse_cor.sum() / max(sse_raw.sum(), 1e-30)))
+
+
+def gain_interval(sse_raw: np.ndarray, sse_cor: np.ndarray, confidence: float, resamples: int = 2000) -> tuple:
+    """Percentile bootstrap over seeds (fixed seed: the same data give the same interval)."""
+    idx = np.random.default_rng(0).integers(0, len(sse_raw), (resamples, len(sse_raw)))
+    g = 1.0 - np.sqrt(sse_cor[idx].sum(1) / np.maximum(sse_raw[idx].sum(1), 1e-30))
+    a = (1 - confidence) / 2
+    return float(np.quantile(g, a)), float(np.quantile(g, 1 - a))
+
+
+def decide(int_graph: Path, fp32_graph: Path, scheduler_config: dict, sample_shape, corr: Correction,
+           cfg: CorrectionConfig, threads: int | None = None, progress: bool = False) -> Decision:
+    """Final-image error of the integer loop vs the FP32 loop, without and with `corr`, on held-out seeds
+    (disjoint from the fitting trajectories), `cfg.chunk` seeds at a time: stops once the bootstrap
+    interval of the gain lies wholly above or below `cfg.min_gain` (at least `cfg.min_heldout` seeds)
+    or after `cfg.heldout` seeds."""
+    from tqdm import tqdm
+
     sessions = [UNetSession(fp32_graph, threads=threads), UNetSession(int_graph, threads=threads)]
-    finals = []
-    for k, use in ((0, False), (1, False), (1, True)):
-        sched = make_scheduler(cfg.scheduler, scheduler_config)
-        sched.set_timesteps(cfg.steps)
-        x = initial_noise((cfg.heldout, *sample_shape), cfg.seed + 1)
-        rng = np.random.default_rng(cfg.seed + 2)
-        for t in sched.timesteps:
-            x = denoise_step(sched, sessions[k](x, int(t)), int(t), x, rng, corr if use else None)
-        finals.append(x)
-    rms = [float(np.sqrt(((f - finals[0]) ** 2).mean())) for f in finals[1:]]
-    return rms[0], rms[1]
+    noise = initial_noise((cfg.heldout, *sample_shape), cfg.seed + 1)
+    raw, cor = [], []
+    bar = tqdm(total=cfg.heldout, desc="decide correction", disable=not progress, leave=False)
+    early = False
+    for lo in range(0, cfg.heldout, cfg.chunk):
+        finals = []
+        for k, use in ((0, False), (1, False), (1, True)):
+            sched = make_scheduler(cfg.scheduler, scheduler_config)
+            sched.set_timesteps(cfg.steps)
+            x = noise[lo:lo + cfg.chunk].copy()
+            rng = np.random.default_rng(cfg.seed + 2 + lo)
+            for t in sched.timesteps:
+                x = denoise_step(sched, sessions[k](x, int(t)), int(t), x, rng, corr if use else None)
+            finals.append(x)
+        axes = tuple(range(1, finals[0].ndim))
+        raw += list(((finals[1] - finals[0]).astype(np.float64) ** 2).sum(axes))
+        cor += list(((finals[2] - finals[0]).astype(np.float64) ** 2).sum(axes))
+        bar.update(len(finals[0]))
+        n = len(raw)
+        if n >= cfg.min_heldout and n < cfg.heldout:
+            lo_g, hi_g = gain_interval(np.array(raw), np.array(cor), cfg.confidence)
+            if lo_g > cfg.min_gain or hi_g < cfg.min_gain:
+                early = True
+                break
+    bar.close()
+    r, c = np.array(raw), np.array(cor)
+    size = len(r) * int(np.prod(sample_shape))
+    return Decision(len(r), float(np.sqrt(r.sum() / size)), float(np.sqrt(c.sum() / size)), pooled_gain(r, c),
+                    gain_interval(r, c, cfg.confidence), early)

@@ -233,8 +233,11 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
                                      **pair_report(integer)),
                      probes=dict(file=PROBES_FILE, reference="unet_qdq.onnx with ORT_DISABLE_ALL"))
         if correction != "off":
+            from ..zoo.cost import unet_ops
+
             fitted = fit_correction(w.dir / INT_FILE, w.dir / FP32_FILE, model.scheduler_config, model.sample_shape,
-                                    threads=threads, progress=progress)
+                                    threads=threads, progress=progress,
+                                    gop=unet_ops(model.unet, model.sample_shape) / 1e9)
             if correction == "on":
                 fitted = dataclasses.replace(fitted, enabled=True)
             fitted.save(w.add(CORRECTION_FILE, "correction"))

@@ -1,0 +1,43 @@
+"""Operations per U-Net call: 2 × the multiply-accumulates of its Conv2d, Linear and attention matmuls."""
+
+from __future__ import annotations
+
+from .taps import install_taps, remove_taps
+
+
+def unet_ops(unet, sample_shape: tuple) -> float:
+    """Operations (2 × multiply-accumulates) of Conv2d, Linear and attention matmuls for one sample
+    (equal to torch.utils.flop_counter's count: tests/test_bench.py); sizes work such as the ε-correction fit."""
+    import torch
+
+    macs = [0]
+    seen = {}
+
+    def tap(site, x):
+        if site.endswith((".qk.a", ".qk.b", ".pv.a", ".pv.b")):
+            seen[site] = x.shape
+            if site.endswith(".qk.b"):
+                a = seen[site[:-1] + "a"]
+                macs[0] += a[0] * a[1] * a[2] * x.shape[1]
+            if site.endswith(".pv.b"):
+                a = seen[site[:-1] + "a"]
+                macs[0] += a[0] * a[1] * a[2] * x.shape[2]
+        return x
+
+    def conv_hook(m, args, out):
+        w = m.weight
+        macs[0] += out.numel() * (w.numel() // w.shape[0])
+
+    # taps first: install_taps runs a probing forward pass of its own, which must not be counted
+    handles = install_taps(unet, tap)
+    macs[0] = 0
+    hooks = [m.register_forward_hook(conv_hook) for m in unet.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(1, *sample_shape), torch.tensor([500]))
+    finally:
+        remove_taps(handles)
+        for h in hooks:
+            h.remove()
+    return 2.0 * macs[0]
