@@ -112,7 +112,9 @@ def test_integer_lowering_uses_integer_kernels_and_equals_qdq(built):
             continue
         assert n.input[1] not in prod, f"{n.name}: a quantized conv was not lowered"
         unquantized += 1
-    assert unquantized == len(table.float_modules) == 2
+    from qexport.tables.schema import is_time_branch
+
+    assert unquantized == len([m for m in table.float_modules if not is_time_branch(m)]) == 2
     for t in CHECK_T:
         x = trajectory_state(model, t)
         a, b = run(qdq, x, t), run(integer, x, t)
@@ -269,3 +271,30 @@ def test_fp32_graph_has_constant_reshapes_no_bias_round_trip_and_equals_torch(bu
         with torch.no_grad():
             ref = model.unet(torch.from_numpy(x), torch.tensor([321])).sample.numpy()
         np.testing.assert_allclose(run(fp32, x, 321), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_time_branch_is_float_batched_and_stored_in_float16(built):
+    """BatchTimeProjections: the t-only branch keeps float activations, every ResNet's time_emb_proj is
+    one Gemm + Split, its weights are float16 initializers; and the graph still equals the simulation
+    (test_onnx_matches_simulated_quantization) — here: the batched branch equals the per-ResNet one."""
+    from onnx import TensorProto
+
+    from qexport.export.passes.batch_time_projections import t_only_tensors
+    from qexport.tables.schema import is_time_branch
+
+    model, table, _, qdq, integer = built
+    resnets = [m for m in table.float_modules if m.endswith(".time_emb_proj")]
+    assert len(resnets) >= 2 and not any(is_time_branch(s) for s in table.sites)
+    for g in (qdq, integer):
+        t_only = t_only_tensors(g.graph)
+        gemms = [n for n in g.graph.node if n.op_type == "Gemm"]
+        assert len(gemms) == 3 and all(n.input[0] in t_only for n in gemms)   # linear_1, linear_2, batched
+        inits = {t.name: t for t in g.graph.initializer}
+        casts = {n.output[0]: n.input[0] for n in g.graph.node if n.op_type == "Cast"}
+        for n in gemms:
+            assert inits[casts[n.input[1]]].data_type == TensorProto.FLOAT16
+        splits = [n for n in g.graph.node if n.op_type == "Split" and n.input[0] in t_only
+                  and not n.output[0].startswith("qx/")]
+        assert len(splits) == 1 and len(splits[0].output) == len(resnets)
+        assert not any(n.op_type in ("QLinearMatMul", "QuantizeLinear") and n.input[0] in t_only
+                       for n in g.graph.node if n.input)

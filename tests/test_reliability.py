@@ -257,3 +257,15 @@ def test_same_convert_twice_is_byte_identical(tiny_pipeline_dir, tmp_path):
     a, b = (load_artifact(tmp_path / n).manifest for n in "ab")
     assert {k: v.sha256 for k, v in a.files.items()} == {k: v.sha256 for k, v in b.files.items()}
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_artifact_modes_follow_the_umask_not_mkdtemp(tiny_artifact):
+    """A converted artifact is readable by other users and containers (0755 / 0644 under umask 022)."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tiny_artifact).st_mode) == 0o777 & ~umask
+    for f in tiny_artifact.iterdir():
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~umask, f.name

@@ -29,6 +29,9 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize skip concatenations as one tensor (default: each part with its own range)")
     g.add_argument("--quantize-first-last", action="store_true",
                    help="quantize conv_in / conv_out too (default: they stay float, see README)")
+    g.add_argument("--quantize-time-branch", action="store_true",
+                   help="quantize the time MLP and time_emb_proj layers too (default: float, batched into one "
+                        "product per step; see README)")
     g.add_argument("--no-saturation-safe", action="store_true",
                    help="plain int8 weights: correct only on VNNI / ARM CPUs, wrong on x86 AVX2 (see README)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
@@ -51,6 +54,8 @@ def calibration_config(args: argparse.Namespace, **forced):
         table["split_concat"] = False
     if getattr(args, "quantize_first_last", False):
         table["quantize_first_last"] = True
+    if getattr(args, "quantize_time_branch", False):
+        table["quantize_time_branch"] = True
     if getattr(args, "no_saturation_safe", False):
         table["saturation_safe"] = False
     if getattr(args, "method", None) is not None:

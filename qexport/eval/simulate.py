@@ -4,7 +4,8 @@ checked against, and the tool for measuring activation quantization error along 
 `simulated(unet, table, weights=True)` is a context manager: inside it, every site's tensor is
 quantized/dequantized with the table's parameters for the current time step (set by
 `sim.set_timestep(t)` or automatically from the `timestep` argument of the forward), and Conv/Linear
-weights are replaced by their dequantized integer weights. `on_site(site, x, xq)` observes both.
+weights are replaced by their dequantized integer weights (float16-rounded for the float t-only
+branch, as the exported graphs store it). `on_site(site, x, xq)` observes both.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
                 q = table.int_weight(name, w).astype(np.float32)
                 saved[name] = m.weight.data.clone()
                 m.weight.data = torch.from_numpy(q * s.reshape(-1, *([1] * (w.ndim - 1))))
+            elif isinstance(m, (nn.Conv2d, nn.Linear)) and table.half_precision(name):
+                saved[name] = m.weight.data.clone()
+                m.weight.data = m.weight.data.half().float()
     handles = install_taps(unet, sim if activations else None)
 
     def pre(mod, args, kwargs):

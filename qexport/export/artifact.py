@@ -83,6 +83,13 @@ class ArtifactWriter:
             files[name] = file_entry(path, role)
         manifest = Manifest(format=FORMAT, files=files, qexport_version=__version__, **fields)
         (self.dir / MANIFEST).write_text(manifest.to_json())
+        # mkdtemp makes the folder 0700 and some writers make files 0600: give the artifact the modes a
+        # plain `mkdir` / `open` would (umask applies), so other users and containers can read it
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in self.dir.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(self.dir, 0o777 & ~umask)
         self._finished = True
         return manifest
 

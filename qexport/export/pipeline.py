@@ -90,8 +90,9 @@ def to_opset(model: onnx.ModelProto, opset: int = QOPSET) -> onnx.ModelProto:
 def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.ModelProto:
     """The portable QDQ graph: activation parameters looked up by time step (`group=None`) or
     frozen at one group (a constant-scale graph ORT fuses itself). Pass order, declared once:
-    DetachBias → QuantizeActivations → (opset 21) → QuantizeWeights."""
-    from .passes import CompactNames, DetachBias, QuantizeActivations, QuantizeWeights
+    DetachBias → QuantizeActivations → CancelBiasRoundTrip → (opset 21) → QuantizeWeights →
+    BatchTimeProjections."""
+    from .passes import BatchTimeProjections, CompactNames, DetachBias, QuantizeActivations, QuantizeWeights
     from .passes.graph_utils import prune_initializers
     from .passes.params import ConstantParams, LookupParams
 
@@ -103,6 +104,7 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
     CancelBiasRoundTrip()(model)
     model = to_opset(model)
     QuantizeWeights(table)(model)
+    BatchTimeProjections()(model)
     prune_initializers(model.graph)
     CompactNames()(model)
     onnx.checker.check_model(model)
@@ -185,7 +187,7 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
     if method == "static":
         cfg = dataclasses.replace(cfg, table=TableConfig(groups=1, range=RangeConfig(method="minmax"), weight_bits=bits,
                                                          weight_mse=False, zero_point="per-group",
-                                                         quantize_first_last=True))
+                                                         quantize_first_last=True, quantize_time_branch=True))
     else:
         tcfg = dataclasses.replace(cfg.table, weight_bits=bits, range=dataclasses.replace(cfg.table.range, method=method))
         if groups is not None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .grouping import group_of_t, partition, segment_costs
 from .ranges import RangeConfig, affine_params, range_from_hist, shared_zero_point_params
-from .schema import QuantTable
+from .schema import QuantTable, is_time_branch
 from .stats import ActivationStats
 from .weights import saturation_safe_scales, weight_scales
 
@@ -29,6 +29,9 @@ class TableConfig:
     first_last_8bit: bool = True     # keep conv_in / conv_out weights at 8 bits when weight_bits=4
     quantize_first_last: bool = False  # False: conv_in / conv_out stay float (8-bit x_t alone was 55% of the
                                        # W8A8 ε error; the two are a negligible share of the MACs)
+    quantize_time_branch: bool = False  # False: the t-only branch (time MLP, every time_emb_proj) stays float:
+                                        # it depends on t alone, its ranges move most with t, and it is a
+                                        # handful of [1, C] products (export.passes.batch_time_projections)
     zero_point: str = "shared"       # "shared": one zero point per site (fast integer kernels); "per-group"
     split_concat: bool = True        # quantize each part of a skip concatenation with its own range
     saturation_safe: bool = True     # integer weights no CPU kernel can saturate (tables.weights.saturation_safe)
@@ -75,6 +78,8 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
     else:
         scale, zp = affine_params(lo, hi, cfg.range.bits)
     float_modules = () if cfg.quantize_first_last else tuple(first_last)
+    if not cfg.quantize_time_branch:
+        float_modules += tuple(sorted(m for m in weights if is_time_branch(m)))
     weights = {m: w for m, w in weights.items() if m not in float_modules}
     wbits = {m: (8 if (m in first_last and cfg.first_last_8bit) else cfg.weight_bits) for m in weights}
     wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse if cfg.weight_mse is not None else wbits[m] == 4)
@@ -85,6 +90,7 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
     calib.update(table=dict(groups_requested=cfg.groups, range=asdict(cfg.range), weight_bits=cfg.weight_bits,
                             weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit,
                             quantize_first_last=cfg.quantize_first_last,
+                            quantize_time_branch=cfg.quantize_time_branch,
                             zero_point=cfg.zero_point, split_concat=cfg.split_concat,
                             saturation_safe=cfg.saturation_safe))
     keep = [i for i, site in enumerate(stats.sites) if not any(site == m or site.startswith(m + ".")

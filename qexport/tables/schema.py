@@ -27,6 +27,11 @@ TABLES_ARRAYS = "tables.safetensors"
 SCHEMA = "qexport-tables/1"
 
 
+def is_time_branch(module: str) -> bool:
+    """Modules on the path from the time step to each ResNet's time-embedding projection (diffusers names)."""
+    return module.startswith("time_embedding.") or module.endswith(".time_emb_proj")
+
+
 @dataclass(frozen=True)
 class QuantTable:
     sites: tuple[str, ...]
@@ -82,6 +87,11 @@ class QuantTable:
     def is_float(self, site: str) -> bool:
         """Whether `site` belongs to a module the table leaves in float (`float_modules`)."""
         return any(site == m or site.startswith(m + ".") for m in self.float_modules)
+
+    def half_precision(self, module: str) -> bool:
+        """Whether the exported graphs store `module`'s weights as float16: the float modules of the t-only
+        branch (export.passes.batch_time_projections); the simulation rounds them the same way."""
+        return module in self.float_modules and is_time_branch(module)
 
     def site_index(self, site: str) -> int:
         return self.sites.index(site)

@@ -1,6 +1,7 @@
 """Graph passes over the marked FP32 graph, one per file. Their order is declared once, in
 qexport.export.pipeline."""
 
+from .batch_time_projections import BatchTimeProjections
 from .cancel_bias import CancelBiasRoundTrip
 from .compact_names import CompactNames
 from .detach_bias import DetachBias
@@ -10,4 +11,4 @@ from .quantize_activations import QuantizeActivations
 from .quantize_weights import QuantizeWeights
 from .strip_taps import StripTaps
 
-__all__ = ["CancelBiasRoundTrip", "CompactNames", "DetachBias", "FoldShapes", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps"]
+__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CompactNames", "DetachBias", "FoldShapes", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps"]
