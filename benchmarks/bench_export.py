@@ -53,9 +53,13 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
         source=src, table=TableConfig(saturation_safe=False, quantize_first_last=True))))
     a_fl = load_artifact(build("fl", groups=args.groups, calibration=CalibrationConfig(
         source=src, table=TableConfig(quantize_first_last=True))))
+    # the integer graph before the time-branch change: time MLP and time_emb_proj quantized, one per ResNet
+    a_tq = load_artifact(build("tq", groups=args.groups, calibration=CalibrationConfig(
+        source=src, table=TableConfig(quantize_time_branch=True))))
     graphs = {"fp32": a_ours.graph("fp32"), "static_qdq": a_static.graph("qdq"),
               "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq"),
-              "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int")}
+              "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int"),
+              "time_quantized_int": a_tq.graph("int")}
     sessions = {k: UNetSession(p, threads=args.threads) for k, p in graphs.items()}
     model = load_model(model_id)
     torch.set_num_threads(args.threads)
@@ -84,19 +88,84 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
             if path is not None:
                 row.update(peak_rss(path, x.shape, args.threads))
             rows.append(row)
-    return dict(ops_per_sample=ops, rows=rows, bytes=dict(fp32=graphs["fp32"].stat().st_size,
+    threads = {}
+    for n_threads in args.threads_sweep:   # scaling per graph, interleaved per thread count
+        ts = {k: UNetSession(graphs[k], threads=n_threads) for k in ("fp32", "static_qdq", "ours_int")}
+        for batch in (1, 8):
+            x = np.random.default_rng(0).standard_normal((batch, *model.sample_shape)).astype(np.float32)
+            t = interleaved({k: (lambda s=s: s(x, 500)) for k, s in ts.items()}, max(5, args.reps // 2))
+            for k, v in t.items():
+                threads.setdefault(k, {}).setdefault(str(batch), {})[str(n_threads)] = float(np.median(v)) * 1e3
+    profile = {f"{k}_b{b}": op_breakdown(graphs[k], (b, *model.sample_shape), args.threads)
+               for k in ("fp32", "ours_int", "static_qdq") for b in (1, 8)}
+    return dict(ops_per_sample=ops, rows=rows, threads=threads, profile=profile,
+                bytes=dict(fp32=graphs["fp32"].stat().st_size,
                                                           int=graphs["ours_int"].stat().st_size,
                                                           qdq=graphs["ours_qdq"].stat().st_size))
+
+
+def op_breakdown(path: Path, shape: tuple, threads: int, runs: int = 20) -> dict[str, float]:
+    """Share of kernel time per operator type (onnxruntime profiling, the runtime's session options)."""
+    import collections
+    import os
+
+    import onnxruntime as ort
+
+    from qexport_runtime.session import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "p")
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for _ in range(runs):
+            s.run(None, {"sample": x, "timestep": np.array([500], np.int64)})
+        events = json.loads(Path(s.end_profiling()).read_text())
+    tot = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            tot[e["args"]["op_name"]] += e["dur"]
+    total = sum(tot.values())
+    return {k: v / total for k, v in tot.most_common()}
+
+
+def plot_profile(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    fig, axes = plt.subplots(len(models), 1, figsize=(11, 3.2 * len(models)), squeeze=False)
+    for ax, name in zip(axes[:, 0], models):
+        prof = result["models"][name]["profile"]
+        ops = sorted({o for p in prof.values() for o, v in p.items() if v >= 0.02},
+                     key=lambda o: -max(p.get(o, 0) for p in prof.values()))
+        keys = list(prof)
+        w = 0.8 / len(keys)
+        for i, k in enumerate(keys):
+            ax.bar(np.arange(len(ops)) + i * w, [100 * prof[k].get(o, 0) for o in ops], w, label=k)
+        ax.set_xticks(np.arange(len(ops)) + 0.4 - w / 2, ops, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("% of kernel time")
+        ax.set_title(f"{name}: operator time (onnxruntime profiling, {result['machine']['isa']}, "
+                     f"{result['threads']} threads)", fontsize=9)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:
     peak = result["gemm_peak"]
     lines = [f"# Exporter benchmark ({result['machine']['cpu']}, int8 path {result['machine']['isa']}, "
              f"{result['threads']} threads, onnxruntime {result['machine']['onnxruntime']})", "",
-             "Graphs: `ours_int` the default integer graph (saturation-safe weights, conv_in/conv_out float); "
+             "Graphs: `ours_int` the default integer graph (saturation-safe weights, conv_in/conv_out float, "
+             "time branch float and batched); "
              "`plain_int` the integer graph before that change (plain int8, first/last quantized: wrong on "
              "x86 without VNNI); `first_last_int8_int` saturation-safe with conv_in/conv_out quantized; "
-             "`static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
+             "`time_quantized_int` the default with the time MLP and time_emb_proj quantized (before the "
+             "time-branch change); `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
              "Operations are 2 × MAC (torch.utils.flop_counter's count).", "",
              f"GEMM peak through onnxruntime: int8 {peak['int8_gops']:.0f} GOP/s, fp32 {peak['fp32_gops']:.0f} GFLOP/s.",
              ""]
@@ -114,6 +183,25 @@ def markdown(result: dict) -> str:
                          f"{frac:.0f}% | {rss} | {size} |")
         b = m["bytes"]
         lines += ["", f"Bytes: int graph {b['int'] / b['fp32']:.3f}× FP32, QDQ graph {b['qdq'] / b['fp32']:.3f}× FP32.", ""]
+        if m.get("threads"):
+            counts = sorted({int(n) for g in m["threads"].values() for bb in g.values() for n in bb})
+            lines += ["Threads (ms/step, median; × = speed-up over 1 thread):", "",
+                      "| graph | B | " + " | ".join(f"{n} thr" for n in counts) + " |",
+                      "|---|---|" + "---|" * len(counts)]
+            for g, per_b in m["threads"].items():
+                for bb, per_n in per_b.items():
+                    one = per_n.get("1")
+                    cells = [f"{per_n[str(n)]:.2f}" + (f" (×{one / per_n[str(n)]:.2f})" if one and n != 1 else "")
+                             for n in counts]
+                    lines.append(f"| {g} | {bb} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if m.get("profile"):
+            lines += ["Operator time shares (onnxruntime profiling; `export_profile.png`):", "",
+                      "| graph, batch | top operators |", "|---|---|"]
+            for k, prof in m["profile"].items():
+                top = ", ".join(f"{o} {100 * v:.0f}%" for o, v in list(prof.items())[:8])
+                lines.append(f"| {k} | {top} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -126,6 +214,9 @@ def main() -> None:
     p.add_argument("--cal-steps", type=int, default=20)
     p.add_argument("--cal-samples", type=int, default=160)
     p.add_argument("--cal-trajectories", type=int, default=8)
+    p.add_argument("--threads-sweep", type=int, nargs="*", default=[1, 2, 4],
+                   help="intra-op thread counts for the scaling table (4 as on a Pi; more threads than cores "
+                        "oversubscribe)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qexport-bench")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -139,6 +230,7 @@ def main() -> None:
     (args.out / "export_bench.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
     (args.out / "export_bench.md").write_text(md)
+    plot_profile(result, args.out / "export_profile.png")
     print(md)
 
 

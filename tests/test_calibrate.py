@@ -80,7 +80,11 @@ def test_sites_cover_convs_linears_attention_and_split_concats(tiny_stats):
     convs = [n for n, m in model.unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     for n in convs:
         assert (n in sites or f"{n}.part0" in sites) != (n in table.float_modules), n
-    assert table.float_modules == ("conv_in", "conv_out")  # the default: first and last layers stay float
+    # the default: first and last layers, and the t-only branch (time MLP, time_emb_proj), stay float
+    from qexport.tables.schema import is_time_branch
+
+    assert [m for m in table.float_modules if not is_time_branch(m)] == ["conv_in", "conv_out"]
+    assert {m for m in table.float_modules if is_time_branch(m)} == {n for n in convs if is_time_branch(n)}
     assert any(s.endswith(".qk.a") for s in sites) and any(s.endswith(".pv.b") for s in sites)
     split = [s for s in sites if s.endswith(".part1")]
     assert split and all("up_blocks" in s and "conv_shortcut" in s for s in split)
@@ -203,8 +207,33 @@ def test_per_step_tables_beat_static_on_shipped_model():
     model = load_model(MAIN_MODEL)
     cfg = CalibrationConfig(source=SourceConfig(steps=20, samples=320, trajectories=16),
                             table=TableConfig(groups=1, range=RangeConfig(method="minmax")))
-    table1, stats = calibrate(model, cfg, progress=False)
+    _, stats = calibrate(model, cfg, progress=False)
+    table1 = build_table(stats, 1000, {}, TableConfig(groups=1, range=RangeConfig(method="minmax")))
     table8 = build_table(stats, 1000, {}, TableConfig(groups=8, range=RangeConfig(method="minmax")))
     res = activation_quant_mse(model.unet, model.scheduler_config, model.sample_shape,
                                {"k1": table1, "k8": table8}, steps=20, batch=8, seed=99)
     assert res["k8"]["total"] < 0.9 * res["k1"]["total"], (res["k8"]["total"], res["k1"]["total"])
+
+
+def test_one_pass_histograms_match_two_pass_histograms_on_the_global_grid(tiny_stats):
+    """The single calibration pass re-bins each step's own-range histogram onto the site's global grid:
+    per (site, t) it keeps the mass and moves it by at most about one global bin."""
+    import torch
+
+    from qexport.calibrate.observers import rebin
+
+    _, _, stats = tiny_stats
+    assert np.allclose(stats.hist.sum(axis=2), stats.numel, rtol=1e-6)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = torch.from_numpy(rng.normal(rng.uniform(-1, 1), rng.uniform(0.01, 1), 20000).astype(np.float32))
+        lo, hi = float(x.min()), float(x.max())
+        glo, ghi = lo - 3.0, hi + 2.0
+        direct = torch.histc(x, 2048, glo, ghi).numpy()
+        via = rebin(torch.histc(x, 2048, lo, hi).numpy().astype(np.float64), lo, hi, glo, ghi)
+        assert via.sum() == pytest.approx(direct.sum())
+        width = (ghi - glo) / 2048
+        cdf_err = np.abs(np.cumsum(via) - np.cumsum(direct)).max()
+        assert cdf_err <= x.numel() * 0.01   # ≤ 1% of the mass displaced, and only within one bin
+        centers = glo + width * (np.arange(2048) + 0.5)
+        assert abs((via * centers).sum() / via.sum() - (direct * centers).sum() / direct.sum()) < width

@@ -1,9 +1,12 @@
-"""Streaming activation statistics per site and per time step (two passes over a CalibrationSource).
+"""Streaming activation statistics per site and per time step (one pass over a CalibrationSource).
 
-Pass 1 records min and max per (site, t); pass 2 histograms every (site, t)
-over the site's global [min, max] with `bins` bins, so histograms of different time steps add up
-(grouping merges them by summing). Memory is `sites × time steps × bins`, independent of the number
-of samples.
+Each (site, t) records its numel, min and max, and a histogram of `bins` bins over its own
+[min, max] (merged onto the union range if the step comes again). At the end every histogram is
+re-binned onto the site's global [min, max] grid — the mass of each fine bin spread uniformly over
+the coarse bins it overlaps — so histograms of different time steps add up (grouping merges them by
+summing). Per-step ranges are narrower than the site's, so the re-binning moves mass by less than
+one global bin. One forward pass instead of two (ranges, then histograms): calibration costs half.
+Memory is `sites × time steps × bins`, independent of the number of samples.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ log = logging.getLogger(__name__)
 
 def collect_statistics(model: torch.nn.Module, source: CalibrationSource, bins: int = 2048,
                        progress: bool = True) -> ActivationStats:
-    """Run `source`'s trajectories through `model` twice (ranges, then histograms); see module docstring."""
+    """Run `source`'s trajectories through `model` once, recording ranges and histograms; see module docstring."""
     t_start = time.time()
     order = np.argsort(source.timesteps)            # ascending t
     t_index_of = {int(t): int(i) for i, t in zip(np.argsort(order), source.timesteps)}
     n = len(source.timesteps)
     sites: dict[str, int] = {}
     acc: dict[str, list] = {}
+    local: dict[tuple[str, int], tuple[float, float, np.ndarray]] = {}   # (site, t) → lo, hi, hist
 
-    def ranges_update(site, ti, x):
+    def update(site, ti, x):
         if site not in sites:
             sites[site] = len(sites)
             acc[site] = [np.zeros(n), np.full(n, np.inf), np.full(n, -np.inf)]
@@ -45,8 +49,17 @@ def collect_statistics(model: torch.nn.Module, source: CalibrationSource, bins: 
         a[0][ti] += x.numel()
         a[1][ti] = min(a[1][ti], float(lo_))
         a[2][ti] = max(a[2][ti], float(hi_))
+        lo, hi = float(lo_), float(hi_)
+        prev = local.get((site, ti))
+        if prev is not None:   # the same step again: both onto the union range
+            lo, hi = min(lo, prev[0]), max(hi, prev[1])
+        hi = hi if hi > lo else lo + 1e-8
+        h = torch.histc(x.float(), bins=bins, min=lo, max=hi).numpy().astype(np.float64)
+        if prev is not None:
+            h += rebin(prev[2], prev[0], prev[1], lo, hi)
+        local[(site, ti)] = (lo, hi, h)
 
-    _run_pass(model, source, ranges_update, t_index_of, "calibrate: ranges" if progress else None)
+    _run_pass(model, source, update, t_index_of, "calibrate" if progress else None)
     names = tuple(sites)
     numel, mn, mx = (np.stack([acc[s][k] for s in names]) for k in range(3))
     lo = np.minimum(mn.min(axis=1), 0.0)
@@ -54,19 +67,25 @@ def collect_statistics(model: torch.nn.Module, source: CalibrationSource, bins: 
     hi = np.where(hi - lo <= 0, lo + 1e-8, hi)
     hist = np.zeros((len(names), n, bins), dtype=np.float32)
     idx = {s: i for i, s in enumerate(names)}
-
-    def hist_update(site, ti, x):
+    for (site, ti), (a, b, h) in local.items():
         i = idx[site]
-        h = torch.histc(x.float(), bins=bins, min=float(lo[i]), max=float(hi[i]))
-        hist[i, ti] += h.numpy()
-
-    _run_pass(model, source, hist_update, t_index_of, "calibrate: histograms" if progress else None)
+        hist[i, ti] = rebin(h, a, b, float(lo[i]), float(hi[i]))
     samples = np.zeros(n, dtype=np.int64)
     for t, k in zip(source.timesteps, source.counts):
         samples[t_index_of[int(t)]] += int(k)
     return ActivationStats(sites=names, timesteps=np.sort(source.timesteps), samples=samples, numel=numel,
                            min=mn, max=mx, hist=hist, hist_lo=lo, hist_hi=hi,
                            seconds=time.time() - t_start)
+
+
+def rebin(hist: np.ndarray, lo: float, hi: float, new_lo: float, new_hi: float) -> np.ndarray:
+    """`hist` over [lo, hi] re-binned onto as many bins over [new_lo, new_hi] ⊇ [lo, hi] (mass uniform
+    within each source bin; total mass kept)."""
+    n = len(hist)
+    edges = np.linspace(lo, hi, n + 1)
+    cdf = np.concatenate([[0.0], np.cumsum(hist, dtype=np.float64)])
+    new_edges = np.linspace(new_lo, new_hi, n + 1)
+    return np.diff(np.interp(new_edges, edges, cdf, left=0.0, right=cdf[-1]))
 
 
 def _run_pass(model, source: CalibrationSource, update, t_index_of: dict, desc: str | None) -> None:

@@ -20,6 +20,10 @@ def activation_quant_mse(unet, scheduler_config: dict, sample_shape: tuple, tabl
     """For each named table: `{"total", "per_step", "timesteps", "per_site"}` where each site's MSE is
     divided by the square of its global observed range (so sites weigh equally) and summed."""
     first = next(iter(tables.values()))
+    for n, tab in tables.items():
+        if tab.sites != first.sites:
+            raise ValueError(f"table {n!r} quantizes other sites than {next(iter(tables))!r}; compare tables "
+                             f"built with the same float modules")
     norm = {s: max(float(first.t_max[i].max() - first.t_min[i].min()), 1e-12) ** 2 for i, s in enumerate(first.sites)}
     index = {s: i for i, s in enumerate(first.sites)}
     names = list(tables)
