@@ -147,3 +147,22 @@ def test_artifact_without_pipeline_graph_says_how_to_get_one(tiny_artifact):
 
     with pytest.raises(ArtifactError, match="--pipeline-graph"):
         PipelineSession(load_artifact(tiny_artifact))
+
+
+def test_pipeline_graph_refuses_unsupported_models_before_calibrating(tiny_pipeline_dir, tmp_path):
+    import shutil
+    import time
+
+    from qexport.errors import QexportError
+
+    src = tmp_path / "vpred"
+    shutil.copytree(tiny_pipeline_dir, src)
+    cfg_path = src / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
+    t0 = time.perf_counter()
+    with pytest.raises(QexportError, match="the pipeline graph supports prediction_type 'epsilon'"):
+        convert(str(src), tmp_path / "out", pipeline_graph=True, progress=False)
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "out").exists()
+    with pytest.raises(QexportError, match="--mobile must be one of"):
+        convert(str(tiny_pipeline_dir), tmp_path / "out2", mobile="ios", progress=False)

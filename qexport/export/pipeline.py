@@ -194,6 +194,10 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
             tcfg = dataclasses.replace(tcfg, groups=groups)
         cfg = dataclasses.replace(cfg, table=tcfg)
     model = load_model(model_id, allow_pickle=allow_pickle)  # bad input fails before any progress output
+    if conf.pipeline_graph:   # refuse now what the pipeline graph cannot express, not after calibrating
+        from .pipeline_graph import check_scheduler
+
+        check_scheduler(model.scheduler_config)
     if Path(out).exists() and not overwrite:
         raise QexportError(f"output folder {out} already exists; pass --overwrite or choose another -o")
     stages = tqdm(total=5 + conf.static_groups + (correction != "off") + (rounding == "learned") + conf.pipeline_graph

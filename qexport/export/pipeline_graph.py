@@ -109,12 +109,23 @@ def _timestep(b: _Builder, cfg: DDIMConfig, i: str, n: str, ratio: str) -> str:
     raise ValueError(f"timestep_spacing {cfg.timestep_spacing!r} is not supported by the pipeline graph")
 
 
+def check_scheduler(scheduler: dict) -> DDIMConfig:
+    """The DDIM config of `scheduler`, or a QexportError naming what the pipeline graph cannot run."""
+    from ..errors import QexportError
+
+    cfg = DDIMConfig.from_config(scheduler)
+    if cfg.prediction_type != "epsilon":
+        raise QexportError(f"the pipeline graph supports prediction_type 'epsilon', this model predicts "
+                           f"{cfg.prediction_type!r}; convert without --pipeline-graph")
+    if cfg.timestep_spacing not in ("leading", "linspace", "trailing"):
+        raise QexportError(f"the pipeline graph supports timestep_spacing leading, linspace or trailing, not "
+                           f"{cfg.timestep_spacing!r}; convert without --pipeline-graph")
+    return cfg
+
+
 def build_pipeline_graph(unet: onnx.ModelProto, spec: PipelineSpec) -> onnx.ModelProto:
     """The Loop graph around `unet` (inputs `sample`, `timestep`; output `noise_pred`)."""
-    cfg = DDIMConfig.from_config(spec.scheduler)
-    if cfg.prediction_type != "epsilon":
-        raise ValueError(f"the pipeline graph supports prediction_type 'epsilon', this model predicts "
-                         f"{cfg.prediction_type!r}; convert without --pipeline-graph")
+    cfg = check_scheduler(spec.scheduler)
     T = cfg.num_train_timesteps
     c, h, w = spec.sample_shape
     outer, body = _Builder("pl"), _Builder("body")
