@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     variants = {"W8A8 defaults": dict(bits=8), "W4A8 defaults": dict(bits=4),
                 "W8A8 plain int8 (before)": dict(bits=8, calibration=CalibrationConfig(
-                    table=TableConfig(saturation_safe=False, quantize_first_last=True)))}
+                    table=TableConfig(saturation_safe=False, quantize_first_last=True, quantize_time_branch=True)))}
     arts = {}
     for name, kw in variants.items():
         out = work / name.split()[0].lower() / ("plain" if "plain" in name else "default")
