@@ -41,7 +41,7 @@ MAIN = "digits16-ddpm"
 
 # id, label, weight bits, TableConfig fields, convert() keywords; each row adds one change.
 BASE = dict(groups=1, method="minmax", split_concat=False, zero_point="shared", saturation_safe=False,
-            quantize_first_last=True)
+            quantize_first_last=True, quantize_time_branch=True)
 NEW = dict(groups=8, split_concat=True, method="mse", zero_point="per-group")
 ROWS = []
 for bits in (8, 4):
@@ -62,7 +62,10 @@ for bits in (8, 4):
                   dict(correction="on", rounding="learned")))
     chain.append(("safe", "+ saturation-safe weights", dict(BASE, **NEW, saturation_safe=True),
                   dict(correction="on", rounding=None)))
-    chain.append(("float-fl", "+ conv_in/conv_out float", dict(NEW, saturation_safe=True, quantize_first_last=False),
+    chain.append(("float-fl", "+ conv_in/conv_out float", dict(NEW, saturation_safe=True, quantize_first_last=False,
+                                                               quantize_time_branch=True),
+                  dict(correction="on", rounding=None)))
+    chain.append(("float-t", "+ time branch float", dict(NEW, saturation_safe=True, quantize_first_last=False),
                   dict(correction="on", rounding=None)))
     ROWS.append((f"{w}-ort", "ORT quantize_static", bits, None, None))
     ROWS += [(f"{w}-{i}", label, bits, t, c) for i, label, t, c in chain]

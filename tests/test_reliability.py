@@ -269,3 +269,23 @@ def test_artifact_modes_follow_the_umask_not_mkdtemp(tiny_artifact):
     assert stat.S_IMODE(os.stat(tiny_artifact).st_mode) == 0o777 & ~umask
     for f in tiny_artifact.iterdir():
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~umask, f.name
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path):
+    """Python drops a KeyboardInterrupt raised inside __del__ or a callback; the SIGINT handler also sets
+    `qexport.errors.interrupted`, and the writer then refuses to rename its folder into place."""
+    from qexport.errors import interrupted
+    from qexport.export.artifact import ArtifactWriter
+
+    out = tmp_path / "o"
+    interrupted.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with ArtifactWriter(out) as w:
+                (w.dir / "x.txt").write_text("x")
+                w.add("x.txt", "tables")
+                w.finish(source={}, bits={}, groups=0, num_train_timesteps=1, sample_shape=[1, 1, 1], inputs=[],
+                         outputs=[], scheduler={})
+    finally:
+        interrupted.clear()
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))

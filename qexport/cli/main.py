@@ -15,7 +15,7 @@ from .. import __version__
 from qexport_runtime.artifact import ArtifactError
 from qexport_runtime.oneline_argparse import OneLineParser
 
-from ..errors import QexportError
+from ..errors import QexportError, on_interrupt
 
 # The fixed list of subcommands, in the order the data flows.
 SUBCOMMANDS = ("models", "calibrate", "inspect", "convert", "eval", "bench")
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails a write (EFBIG) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, on_interrupt)
     try:
         return int(args._run(args) or 0)
     except (QexportError, ArtifactError, ValueError) as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 from qexport_runtime.artifact import FORMAT, MANIFEST, Manifest, file_entry
 
 from .. import __version__
-from ..errors import QexportError
+from ..errors import QexportError, interrupted
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class ArtifactWriter:
             if exc_type is not None or not self._finished:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 return
+            if interrupted.is_set():   # a Ctrl-C whose KeyboardInterrupt Python swallowed on the way
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise KeyboardInterrupt
             old = None
             if self.out.exists():
                 if not self.overwrite:  # appeared while we worked (a writer without the lock)
