@@ -122,16 +122,21 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.set_defaults(func=_bench)
 
 
+def add_generation_arguments(p: argparse.ArgumentParser, output_help: str, batch: int) -> None:
+    """ARTIFACT, -o, --steps, --batch, --seed: what `sample` and `generate` both take."""
+    p.add_argument("artifact")
+    p.add_argument("-o", "--output", required=True, help=output_help)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m qexport_runtime", description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="generate images from an artifact")
-    s.add_argument("artifact")
-    s.add_argument("-o", "--output", required=True, help="folder for samples.png, samples.npy, sample.json")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--batch", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
+    add_generation_arguments(s, "folder for samples.png, samples.npy, sample.json", batch=16)
     s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     s.add_argument("--graph", default=None, help="graph role to run (int, qdq, fp32); default: fastest present")
     s.add_argument("--threads", type=int, default=None)
@@ -151,11 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_argument(c)
     c.set_defaults(func=_check)
     g = sub.add_parser("generate", help="images from the artifact's one-call pipeline graph (convert --pipeline-graph)")
-    g.add_argument("artifact")
-    g.add_argument("-o", "--output", required=True, help="folder for images.npy (and image0.png), generate.json")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    add_generation_arguments(g, "folder for images.npy (and image0.png), generate.json", batch=1)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--png", action="store_true", help="use the PNG variant (needs onnxruntime-extensions)")
     g.set_defaults(func=_generate)

@@ -115,7 +115,8 @@ class BatchTimeProjections:
                               numpy_helper.from_array(sizes, f"{name}/sizes")])
         nodes = [helper.make_node("Gemm", [first.input[0], f"{name}/W", f"{name}/b"], [f"{name}/y"], name=name,
                                   transB=1)]
-        to_4d = all(len(m["chain"]) and _unsqueezed_rank(g, m["chain"]) == 4 for m in group)
+        consts = _constants(g)
+        to_4d = all(len(m["chain"]) and _unsqueezed_rank(consts, m["chain"]) == 4 for m in group)
         if to_4d:
             g.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), f"{name}/axes"))
             nodes.append(helper.make_node("Unsqueeze", [f"{name}/y", f"{name}/axes"], [f"{name}/y4"],
@@ -141,8 +142,7 @@ def _constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
     return out
 
 
-def _unsqueezed_rank(g: onnx.GraphProto, chain: list[onnx.NodeProto]) -> int:
-    consts = _constants(g)
+def _unsqueezed_rank(consts: dict[str, np.ndarray], chain: list[onnx.NodeProto]) -> int:
     rank = 2
     for n in chain:
         if len(n.input) < 2 or n.input[1] not in consts:
