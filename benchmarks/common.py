@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from qexport.eval.efficiency import gemm_peak  # noqa: F401  (re-exported for the scripts)
 from qexport.zoo.cost import unet_ops  # noqa: F401  (re-exported for the scripts)
-from qexport_runtime.bench import machine_info  # noqa: F401  (re-exported for the scripts)
+from qexport_runtime.bench import interleaved, machine_info  # noqa: F401  (re-exported for the scripts)
 
 CIFAR10_CONFIG = dict(  # google/ddpm-cifar10-32's UNet2DModel config (35.7M parameters)
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -38,20 +38,6 @@ def build_cifar_config_unet(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Call every fn in turn, `reps` rounds; returns seconds per call per name."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    out = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            out[k].append(time.perf_counter() - t0)
-    return out
-
-
 _RSS_CODE = r"""
 import json, sys, numpy as np
 sys.path[:0] = {paths!r}
@@ -73,34 +59,3 @@ def peak_rss(path: str, shape: tuple, threads: int) -> dict:
     code = _RSS_CODE.format(paths=sys.path, path=str(path), threads=threads, shape=tuple(shape))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def gemm_peak(threads: int, n: int = 1024, reps: int = 10) -> dict:
-    """Achieved GOP/s of one large int8 (QLinearMatMul u8×s8) and fp32 MatMul through onnxruntime."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from qexport_runtime.session import session_options
-
-    rng = np.random.default_rng(0)
-    w8 = numpy_helper.from_array(rng.integers(-127, 128, (n, n)).astype(np.int8), "w")
-    wf = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")
-    c = lambda name, v, dt: numpy_helper.from_array(np.array(v, dtype=dt), name)  # noqa: E731
-    int_graph = helper.make_graph(
-        [helper.make_node("QLinearMatMul", ["a", "as", "az", "w", "ws", "wz", "ys", "yz"], ["y"])], "g",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, [n, n])],
-        [w8, c("as", 0.01, np.float32), c("az", 128, np.uint8), c("ws", 0.01, np.float32), c("wz", 0, np.int8),
-         c("ys", 1.0, np.float32), c("yz", 128, np.uint8)])
-    fp_graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "g",
-                                 [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
-                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [wf])
-    res = {}
-    for name, graph, x in (("int8", int_graph, rng.integers(0, 255, (n, n)).astype(np.uint8)),
-                           ("fp32", fp_graph, rng.standard_normal((n, n)).astype(np.float32))):
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-        s = ort.InferenceSession(m.SerializeToString(), session_options(threads))
-        t = interleaved({name: lambda: s.run(None, {"a": x})}, reps)[name]
-        res[f"{name}_gops"] = 2 * n ** 3 / np.median(t) / 1e9
-    return res

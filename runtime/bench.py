@@ -47,6 +47,20 @@ def machine_info() -> dict:
                 int8_kernel_path=path.u8s8, int8_path_saturates=path.saturates)
 
 
+def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Call every fn in turn, `reps` rounds (after `warmup` rounds); returns seconds per call per name."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    out = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
 def vm_hwm_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
@@ -68,19 +82,30 @@ def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> fl
     return vm_hwm_mb()
 
 
-def bench(artifacts: list[str], roles: list[str] | None = None, steps: int = 20, batch: int = 1,
-          threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True,
-          strict: bool = False, trusted: bool = False) -> dict:
-    entries = []
+def bench(artifacts: list[str], roles: list[str] | None = None, **options) -> dict:
+    """Bench `roles` (default: the fastest quantized graph and the FP32 reference) of every artifact;
+    `options` as for `bench_graphs`."""
+    graphs = []
     for a in artifacts:
         art = load_artifact(a)
         want = roles or [next(r for r in ("int", "qdq") if art.manifest.files_with_role(r)), "fp32"]
-        for role in want:
-            path = art.graph(role)
-            session = UNetSession(path, threads=threads, trusted=trusted)
-            check = self_check(art, session, strict) if role != "fp32" else None
-            entries.append(dict(name=f"{Path(a).name}:{role}", file=str(path), role=role, art=art,
-                                session=session, check=check.to_dict() if check else None))
+        graphs += [(f"{Path(a).name}:{role}", a, role) for role in want]
+    return bench_graphs(graphs, **options)
+
+
+def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, batch: int = 1,
+                 threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True,
+                 strict: bool = False, trusted: bool = False) -> dict:
+    """Bench named graphs `(name, artifact folder, role)` of artifacts with the same sample shape,
+    interleaved step by step through one sampling loop each."""
+    entries, arts = [], {}
+    for name, a, role in graphs:
+        art = arts.setdefault(str(a), load_artifact(a))
+        path = art.graph(role)
+        session = UNetSession(path, threads=threads, trusted=trusted)
+        check = self_check(art, session, strict) if role != "fp32" else None
+        entries.append(dict(name=name, file=str(path), role=role, art=art,
+                            session=session, check=check.to_dict() if check else None))
     m = entries[0]["art"].manifest
     shape = (batch, *m.sample_shape)
     sched = make_scheduler(scheduler, m.scheduler)

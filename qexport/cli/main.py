@@ -18,7 +18,7 @@ from qexport_runtime.oneline_argparse import OneLineParser
 from ..errors import QexportError, on_interrupt
 
 # The fixed list of subcommands, in the order the data flows.
-SUBCOMMANDS = ("models", "calibrate", "inspect", "convert", "eval", "bench")
+SUBCOMMANDS = ("models", "calibrate", "inspect", "convert", "eval", "compare", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

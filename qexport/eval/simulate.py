@@ -5,7 +5,8 @@ checked against, and the tool for measuring activation quantization error along 
 quantized/dequantized with the table's parameters for the current time step (set by
 `sim.set_timestep(t)` or automatically from the `timestep` argument of the forward), and Conv/Linear
 weights are replaced by their dequantized integer weights (float16-rounded for the float t-only
-branch, as the exported graphs store it). `on_site(site, x, xq)` observes both.
+branch, as the exported graphs store it). `on_site(site, x, xq)` observes both; `quantizers`
+maps sites to other quantizers `fn(x, t) -> xq` that replace the table's uniform one there.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def fake_quant(x: torch.Tensor, scale: float, zero_point: int, bits: int = 8) ->
 
 
 class _Sim:
-    def __init__(self, table: QuantTable, on_site=None):
-        self.table, self.on_site = table, on_site
+    def __init__(self, table: QuantTable, on_site=None, quantizers: dict | None = None):
+        self.table, self.on_site, self.quantizers = table, on_site, quantizers or {}
         self.index = {s: i for i, s in enumerate(table.sites)}
         self.t = 0
 
@@ -39,16 +40,20 @@ class _Sim:
         i = self.index.get(site)
         if i is None:
             return x
-        scale, zp = self.table.params_at(self.t)
-        xq = fake_quant(x, float(scale[i]), int(zp[i]), self.table.act_bits)
+        if site in self.quantizers:
+            xq = self.quantizers[site](x, self.t)
+        else:
+            scale, zp = self.table.params_at(self.t)
+            xq = fake_quant(x, float(scale[i]), int(zp[i]), self.table.act_bits)
         if self.on_site is not None:
             self.on_site(site, x, xq)
         return xq
 
 
 @contextmanager
-def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activations: bool = True, on_site=None):
-    sim = _Sim(table, on_site)
+def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activations: bool = True, on_site=None,
+              quantizers: dict | None = None):
+    sim = _Sim(table, on_site, quantizers)
     saved = {}
     if weights:
         for name, m in unet.named_modules():

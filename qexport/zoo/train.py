@@ -1,10 +1,15 @@
 """Training scripts for the shipped models (deterministic seeds, resumable checkpoints).
 
-    python -m qexport.zoo.train ddpm --width 32 --steps 3000 --out qexport/zoo/shipped/digits16-ddpm
+    python -m qexport.zoo.train ddpm --width 32 --steps 3500 --out qexport/zoo/shipped/digits16-ddpm
+    python -m qexport.zoo.train ddpm --width 16 --steps 3500 --out qexport/zoo/shipped/digits16-ddpm-small
+    python -m qexport.zoo.train ddpm --width 16 --steps 3500 --teacher qexport/zoo/shipped/digits16-ddpm \
+        --out qexport/zoo/shipped/digits16-ddpm-distilled
     python -m qexport.zoo.train classifier --out qexport/zoo/shipped/digits16-classifier
 
 The DDPM writes a diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`) holding the
-EMA weights; the classifier writes `model.safetensors`, `config.json` and the real-data feature
+EMA weights. With `--teacher` it is a distilled student: the same recipe and the same noisy inputs
+x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε of the training digits, but the regression target is the teacher's noise
+prediction at (x_t, t) instead of ε, so the student learns the teacher's function across time steps; the classifier writes `model.safetensors`, `config.json` and the real-data feature
 statistics `real_stats.npz`. Each writes `training.json` (steps, seconds, losses, parameters).
 Checkpoints go to `<out>/../.checkpoints/<name>.pt` every `--ckpt-every` steps (git-ignored) and are
 resumed automatically, so a session that ends mid-training loses little.
@@ -42,10 +47,13 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def train_ddpm(out: Path, width: int, steps: int, batch: int, lr: float, ema_decay: float,
-               seed: int, ckpt_every: int) -> None:
+               seed: int, ckpt_every: int, teacher: Path | None = None) -> None:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(seed)
+    teacher_unet = None
+    if teacher is not None:
+        teacher_unet = UNet2DModel.from_pretrained(Path(teacher) / "unet").eval().requires_grad_(False)
     x_train, _ = load_digits16("train")
     data = torch.from_numpy(x_train)
     unet = UNet2DModel(**digits_unet_config(width))
@@ -62,7 +70,7 @@ def train_ddpm(out: Path, width: int, steps: int, batch: int, lr: float, ema_dec
         step, losses, seconds = state["step"], state["losses"], state["seconds"]
         log.info("resumed %s at step %d", ckpt, step)
     alphas = sched.alphas_cumprod
-    bar = tqdm(total=steps, initial=step, desc=f"ddpm w{width}")
+    bar = tqdm(total=steps, initial=step, desc=f"ddpm w{width}" + (" distilled" if teacher else ""))
     t0 = time.time() - seconds
     while step < steps:
         idx = torch.randint(0, len(data), (batch,), generator=gen)
@@ -73,7 +81,12 @@ def train_ddpm(out: Path, width: int, steps: int, batch: int, lr: float, ema_dec
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for g in opt.param_groups:  # linear warm-up over the first 100 steps
             g["lr"] = lr * min(1.0, (step + 1) / 100)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if teacher_unet is None:
+            target = noise
+        else:
+            with torch.no_grad():
+                target = teacher_unet(xt, t).sample
+        loss = F.mse_loss(unet(xt, t).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -95,8 +108,10 @@ def train_ddpm(out: Path, width: int, steps: int, batch: int, lr: float, ema_dec
     out.mkdir(parents=True, exist_ok=True)
     DDPMPipeline(unet=ema, scheduler=sched).save_pretrained(out, safe_serialization=True)
     n_params = sum(p.numel() for p in ema.parameters())
-    record = dict(kind="ddpm", width=width, steps=steps, batch=batch, lr=lr, ema_decay=ema_decay,
+    record = dict(kind="ddpm" if teacher is None else "ddpm-distilled", width=width, steps=steps, batch=batch, lr=lr, ema_decay=ema_decay,
                   seed=seed, seconds=round(seconds, 1), threads=torch.get_num_threads(),
+                  **({} if teacher is None else dict(teacher=Path(teacher).name,
+                                                     teacher_params=sum(p.numel() for p in teacher_unet.parameters()))),
                   params=n_params, final_loss_mean100=float(np.mean(losses[-100:])),
                   loss_curve=[float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)])
     (out / "training.json").write_text(json.dumps(record, indent=2))
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--ema-decay", type=float, default=0.999)
     d.add_argument("--ckpt-every", type=int, default=250)
+    d.add_argument("--teacher", type=Path, default=None,
+                   help="a trained digits DDPM folder: distil it (regress its noise predictions) instead of ε")
     c = sub.add_parser("classifier", help="train the digit feature classifier")
     c.add_argument("--epochs", type=int, default=15)
     c.add_argument("--batch", type=int, default=64)
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     if a.kind == "ddpm":
-        train_ddpm(a.out, a.width, a.steps, a.batch, a.lr, a.ema_decay, a.seed, a.ckpt_every)
+        train_ddpm(a.out, a.width, a.steps, a.batch, a.lr, a.ema_decay, a.seed, a.ckpt_every, a.teacher)
     else:
         train_classifier(a.out, a.epochs, a.batch, a.lr, a.seed)
 

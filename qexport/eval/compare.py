@@ -1,0 +1,301 @@
+"""Quantize or scale down: hardware efficiency (RQ1) and quality (RQ2) of the FP32 and integer
+variants of a big U-Net, its scaled-down sibling and a distilled student, measured in one run.
+
+Every variant is a graph of an artifact written by `convert` (FP32 graphs from the W8 artifacts):
+its step latency at each batch is measured with all variants interleaved step by step in one
+sampling loop (`runtime.bench.bench_graphs`), its peak RSS in a fresh process, its multiply-
+accumulates counted from the graph (and checked against the torch model's count), its achieved
+operations per second against the machine's own int8 or FP32 GEMM peak. Quality is judged as
+`qexport eval` does, against the big FP32 model's images from the same seeds (FD to FP32, label
+agreement, PSNR / SSIM), plus the FD to the real data, which also compares models that were never
+meant to draw the same digit from the same noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: str   # "big" | "small" | "distilled"
+    bits: int    # 32 (the FP32 graph) | 8 | 4 (weights; activations are 8-bit)
+
+    @property
+    def role(self) -> str:
+        return "fp32" if self.bits == 32 else "int"
+
+    @property
+    def artifact_bits(self) -> int:   # FP32 graphs are taken from the W8 artifact
+        return 8 if self.bits == 32 else self.bits
+
+
+VARIANTS = (
+    Variant("fp32-big", "big", 32), Variant("fp32-small", "small", 32), Variant("fp32-distilled", "distilled", 32),
+    Variant("w8a8-big", "big", 8), Variant("w4a8-big", "big", 4), Variant("w8a8-small", "small", 8),
+    Variant("w8a8-distilled", "distilled", 8),
+)
+BASELINE = "fp32-big"
+FIGURES = ("step_ms_b1", "step_ms_b8", "image_ms_b1", "image_ms_b8", "peak_rss_mb", "bytes", "macs_per_step",
+           "achieved_gops_b8", "peak_share_b8")
+QUALITY_FIGURES = ("fd_to_fp32", "fd_to_real", "label_agreement", "psnr_db")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    """What `compare` measures. `steps` is the sampling step count of the quality sets and of the
+    benchmark loop (per-image latency = that loop / batch); `quality=False` measures efficiency
+    only (for random-weight models) and then converts skip the quality-only work (ε correction,
+    learned rounding), which changes no graph's structure or speed. `quick`: a reduced run."""
+    big: str = "digits16-ddpm"
+    small: str = "digits16-ddpm-small"
+    distilled: str | None = "digits16-ddpm-distilled"
+    samples: int = 512
+    steps: int = 50
+    threads: int | None = None
+    seed: int = 0
+    quality: bool = True
+    features: str = "digits16-classifier"
+    quick: bool = False
+
+    def __post_init__(self):
+        if self.samples < 2 or self.steps < 1 or self.seed < 0:
+            raise ValueError(f"--samples must be ≥ 2, --steps ≥ 1 and --seed ≥ 0 (got {self.samples}, {self.steps}, "
+                             f"{self.seed})")
+
+    def models(self) -> dict[str, str]:
+        return {k: v for k, v in (("big", self.big), ("small", self.small), ("distilled", self.distilled)) if v}
+
+    def variants(self) -> list[Variant]:
+        return [v for v in VARIANTS if v.model in self.models()]
+
+    def convert_config(self, bits: int):
+        from ..calibrate.api import CalibrationConfig
+        from ..calibrate.sources import SourceConfig
+        from ..export.pipeline import ConvertConfig
+
+        lean = self.quick or not self.quality
+        cal = CalibrationConfig(source=SourceConfig(samples=64, trajectories=16, steps=10)) if self.quick else None
+        return ConvertConfig(bits=bits, calibration=cal, threads=self.threads,
+                             correction="off" if lean else "auto", rounding="nearest" if lean else None)
+
+
+def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> dict:
+    """Convert, measure and report; writes `compare.json`, `compare.md` and `pareto.png` under `out`."""
+    from qexport_runtime.bench import machine_info
+
+    from ..export.pipeline import convert
+    from ..zoo.cost import unet_ops
+    from ..zoo.loading import load_model
+    from .efficiency import gemm_peak
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = cfg.models()
+    info = {}
+    for key, model_id in models.items():
+        m = load_model(model_id)
+        info[key] = dict(model_id=model_id, params=sum(p.numel() for p in m.unet.parameters()),
+                         macs_torch=int(unet_ops(m.unet, m.sample_shape) / 2), sample_shape=tuple(m.sample_shape))
+    if len({i["sample_shape"] for i in info.values()}) != 1:
+        raise ValueError(f"the models' sample shapes differ ({ {k: i['sample_shape'] for k, i in info.items()} }); "
+                         f"compare models of one resolution and channel count")
+    artifacts = {}
+    for key, bits in sorted({(v.model, v.artifact_bits) for v in cfg.variants()}):
+        log.info("converting %s (%s) at W%dA8", key, models[key], bits)
+        artifacts[key, bits] = convert(models[key], out / "artifacts" / f"{key}-w{bits}", cfg.convert_config(bits),
+                                       overwrite=True, progress=progress)
+    rows = {v.name: dict(name=v.name, model=v.model, model_id=models[v.model], bits=v.bits, role=v.role,
+                         artifact=str(artifacts[v.model, v.artifact_bits]), params=info[v.model]["params"],
+                         macs_torch=info[v.model]["macs_torch"]) for v in cfg.variants()}
+    peak = gemm_peak(cfg.threads)
+    _efficiency(rows, cfg, info["big"]["sample_shape"], peak)
+    seed_floor = None
+    if cfg.quality:
+        seed_floor = _quality(rows, cfg, artifacts[("big", 8)], progress)
+    variants = list(rows.values())
+    report = dict(machine=machine_info(), gemm_peak=peak, seconds=round(time.perf_counter() - t0, 1),
+                  settings=dict(dataclasses.asdict(cfg), batches=[1, 8], interleaved=True,
+                                baseline=BASELINE, quality_reference=f"{BASELINE} images, same seeds"),
+                  seed_floor=seed_floor, variants=variants, answers=answers(variants, cfg.quality, seed_floor))
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    (out / "compare.md").write_text(markdown(report))
+    plot_pareto(report, out / "pareto.png")
+    return report
+
+
+def _efficiency(rows: dict, cfg: CompareConfig, sample_shape: tuple, peak: dict) -> None:
+    from qexport_runtime.artifact import load_artifact
+    from qexport_runtime.bench import bench_graphs
+
+    from .efficiency import achieved_gops, graph_macs
+
+    graphs = [(name, r["artifact"], r["role"]) for name, r in rows.items()]
+    for batch in (1, 8):
+        rep = bench_graphs(graphs, steps=cfg.steps, batch=batch, threads=cfg.threads, memory=True)
+        for res in rep["results"]:
+            r = rows[res["name"]]
+            r[f"step_ms_b{batch}"] = res["step_ms_median"]
+            r[f"step_ms_p90_b{batch}"] = res["step_ms_p90"]
+            r[f"image_ms_b{batch}"] = res["image_ms"]
+            r["peak_rss_mb" if batch == 1 else "peak_rss_mb_b8"] = res["peak_rss_mb"]
+            r["bytes"] = res["bytes"]
+            if res["check"] is not None:
+                r["check"] = res["check"]["verdict"]
+    for r in rows.values():
+        macs = graph_macs(load_artifact(r["artifact"]).graph(r["role"]), sample_shape)
+        r["macs_per_step"] = macs["total"]
+        r["int8_mac_share"] = sum(v for k, v in macs["by_op"].items() if k.startswith("QLinear")) / macs["total"]
+        kind = "fp32" if r["bits"] == 32 else "int8"
+        for batch in (1, 8):
+            gops = achieved_gops(r["macs_per_step"], batch, r[f"step_ms_b{batch}"])
+            r[f"achieved_gops_b{batch}"] = gops
+            r[f"peak_share_b{batch}"] = gops / peak[f"{kind}_gops"]
+    base = rows[BASELINE]
+    for r in rows.values():
+        for batch in (1, 8):
+            r[f"speedup_b{batch}"] = base[f"step_ms_b{batch}"] / r[f"step_ms_b{batch}"]
+
+
+def _quality(rows: dict, cfg: CompareConfig, big_w8: Path, progress: bool) -> float:
+    from qexport_runtime.artifact import load_artifact
+
+    from .features import load_extractor
+    from .fidelity import FidelityConfig, compare, fp32_reference, sample_set
+
+    extractor = load_extractor(cfg.features)
+    fcfg = FidelityConfig(samples=cfg.samples, steps=cfg.steps, seed=cfg.seed, threads=cfg.threads)
+    ref = fp32_reference(load_artifact(big_w8), fcfg, extractor, progress)
+    for name, r in rows.items():
+        if name == BASELINE:
+            images = ref.images
+        else:
+            images, _ = sample_set(load_artifact(r["artifact"]), r["role"], fcfg, cfg.seed, desc=name,
+                                   progress=progress)
+        m = compare(images, ref, extractor)
+        r.update({k: m[k] for k in ("fd_to_fp32", "fd_to_fp32_pct_floor", "fd_to_real", "label_agreement",
+                                    "psnr_db", "ssim")})
+    return ref.seed_floor
+
+
+def answers(variants: list[dict], quality: bool, seed_floor: float | None) -> dict:
+    """RQ1 and RQ2 answered in sentences from the measured figures."""
+    v = {r["name"]: r for r in variants}
+    big, q8 = v[BASELINE], v.get("w8a8-big")
+    small = v.get("fp32-small")
+
+    def eff(r):
+        return (f"{r['speedup_b1']:.2f}× (B=1) / {r['speedup_b8']:.2f}× (B=8) the FP32 big model's step speed, "
+                f"{big['bytes'] / r['bytes']:.1f}× smaller graph, peak RSS {r['peak_rss_mb']:.0f} MB vs "
+                f"{big['peak_rss_mb']:.0f} MB, {r['macs_per_step'] / 1e6:.1f} M MAC per step")
+
+    rq1 = []
+    for name in ("w8a8-big", "w4a8-big", "fp32-small", "w8a8-small", "fp32-distilled", "w8a8-distilled"):
+        if name in v:
+            rq1.append(f"{name}: {eff(v[name])}.")
+    if q8 and small:
+        faster = "quantization" if q8["speedup_b8"] > small["speedup_b8"] else "scaling down"
+        smaller = "quantization" if q8["bytes"] < small["bytes"] else "scaling down"
+        rq1.append(f"At B=8, {faster} buys more speed ({q8['speedup_b8']:.2f}× for W8A8 vs {small['speedup_b8']:.2f}× "
+                   f"for the {big['params'] / small['params']:.1f}× smaller FP32 model, whose MACs fall "
+                   f"{big['macs_per_step'] / small['macs_per_step']:.1f}×); {smaller} buys the smaller file. "
+                   f"The int8 share of the GEMM peak reached by W8A8 big is {q8['peak_share_b8']:.0%} (B=8), the "
+                   f"FP32 models reach {big['peak_share_b8']:.0%} (big) and {small['peak_share_b8']:.0%} (small) of "
+                   f"the FP32 peak: a smaller model uses the machine less well, an int8 model has more peak to use.")
+    out = dict(rq1=" ".join(rq1))
+    if not quality:
+        out["rq2"] = "not measured: random weights make image quality meaningless."
+        return out
+    rq2 = [f"Seed floor (FP32 big vs itself, other seeds): FD {seed_floor:.2f}. FD to the real digits: "
+           + ", ".join(f"{n} {r['fd_to_real']:.2f}" for n, r in v.items()) + "."]
+    for name in ("w8a8-big", "w4a8-big", "fp32-small", "fp32-distilled", "w8a8-small", "w8a8-distilled"):
+        if name in v:
+            r = v[name]
+            rq2.append(f"{name}: FD to FP32 big {r['fd_to_fp32']:.2f} ({r['fd_to_fp32_pct_floor']:.0f}% of the floor), "
+                       f"{r['label_agreement']:.1%} same digit, {r['psnr_db']:.1f} dB, FD to real "
+                       f"{r['fd_to_real'] - big['fd_to_real']:+.2f} vs FP32 big.")
+    if q8 and small:
+        better = "quantization" if q8["fd_to_real"] < small["fd_to_real"] else "scaling down"
+        rq2.append(f"On quality {better} costs less: W8A8 big is {q8['fd_to_real'] - big['fd_to_real']:+.2f} FD to real "
+                   f"from FP32 big, the scaled-down FP32 model {small['fd_to_real'] - big['fd_to_real']:+.2f}.")
+    out["rq2"] = " ".join(rq2)
+    return out
+
+
+def markdown(report: dict) -> str:
+    mi, s = report["machine"], report["settings"]
+    peak = report["gemm_peak"]
+    lines = [f"# Quantize or scale down? ({mi['cpu']}, {mi['arch']} {mi['isa']}, int8 path {mi['int8_kernel_path']}, "
+             f"{mi['cores']} cores, onnxruntime {mi['onnxruntime']})", "",
+             f"Models: big `{s['big']}`, small `{s['small']}`, distilled `{s['distilled']}`; threads "
+             f"{s['threads'] or 'onnxruntime default'}; {s['steps']} DDIM steps; {s['samples']} samples per quality set, "
+             f"seed {s['seed']}{'; quick run' if s['quick'] else ''}. GEMM peak through onnxruntime: int8 "
+             f"{peak['int8_gops']:.0f} GOP/s, fp32 {peak['fp32_gops']:.0f} GFLOP/s. Latencies are medians of one "
+             f"interleaved run; ×: speed-up over `{BASELINE}` in that run. MACs per step per sample counted from the "
+             f"graph (the torch model's count beside it).", "",
+             "| variant | params | bits | step ms B=1 | step ms B=8 | × B=1 | × B=8 | ms/img B=8 | peak RSS MB | bytes | "
+             "MAC/step (graph / torch) | int8 MAC | GOP/s B=8 | % peak B=8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["variants"]:
+        bits = "FP32" if r["bits"] == 32 else f"W{r['bits']}A8"
+        lines.append(f"| {r['name']} | {r['params']:,} | {bits} | "
+                     f"{r['step_ms_b1']:.2f} | {r['step_ms_b8']:.2f} | {r['speedup_b1']:.2f} | {r['speedup_b8']:.2f} | "
+                     f"{r['image_ms_b8']:.1f} | {r['peak_rss_mb']:.0f} | {r['bytes']:,} | "
+                     f"{r['macs_per_step'] / 1e6:.2f} M / {r['macs_torch'] / 1e6:.2f} M | {r['int8_mac_share']:.0%} | "
+                     f"{r['achieved_gops_b8']:.0f} | {r['peak_share_b8']:.0%} |")
+    if report["seed_floor"] is not None:
+        lines += ["", f"Quality against `{BASELINE}`'s images from the same seeds (seed floor FD "
+                      f"{report['seed_floor']:.3f}: FP32 big vs itself from other seeds), and against the real digits:", "",
+                  "| variant | FD to FP32 big | % of floor | FD to real | label agreement | PSNR dB | SSIM | self-check |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["variants"]:
+            lines.append(f"| {r['name']} | {r['fd_to_fp32']:.3f} | {r['fd_to_fp32_pct_floor']:.1f}% | "
+                         f"{r['fd_to_real']:.3f} | {r['label_agreement']:.1%} | {min(r['psnr_db'], 100):.1f} | "
+                         f"{r['ssim']:.4f} | {r.get('check', '–')} |")
+    lines += ["", "## RQ1: hardware efficiency", "", report["answers"]["rq1"], "",
+              "## RQ2: quality", "", report["answers"]["rq2"], ""]
+    return "\n".join(lines)
+
+
+def plot_pareto(report: dict, path: Path) -> None:
+    """Latency and memory against FD to real (or against MACs without quality), every variant labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["variants"]
+    quality = report["seed_floor"] is not None
+    y_key, y_label = ("fd_to_real", "FD to real digits (lower is better)") if quality else \
+        ("macs_per_step", "MAC per step")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (x_key, x_label) in zip(axes, (("image_ms_b8", "ms per image (B=8, whole loop)"),
+                                           ("peak_rss_mb", "peak RSS MB (B=1, fresh process)"))):
+        pts = np.array([[r[x_key], r[y_key]] for r in rows])
+        front = [i for i, p in enumerate(pts) if not any((q <= p).all() and (q < p).any() for q in pts)]
+        for i, r in enumerate(rows):
+            ax.scatter(*pts[i], s=60, marker="o" if r["bits"] == 32 else "s",
+                       color="tab:red" if i in front else "tab:blue", zorder=3)
+            ax.annotate(r["name"], pts[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
+        order = sorted(front, key=lambda i: pts[i, 0])
+        ax.plot(pts[order, 0], pts[order, 1], "r--", lw=1, label="Pareto front")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    mi = report["machine"]
+    fig.suptitle(f"Quantize or scale down ({mi['isa']}, {mi['cores']} cores; circles FP32, squares integer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""Hardware efficiency of U-Net graphs: multiply-accumulates counted from the ONNX graph, the
+machine's int8 / FP32 GEMM peak through onnxruntime, and the share of that peak a graph achieves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Operators that multiply-accumulate, float and integer forms: (input holding the K axis, how K is read).
+_CONV = ("Conv", "ConvInteger", "QLinearConv")
+_MATMUL = ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "Gemm", "QGemm")
+_WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+_A_INPUT = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "FusedMatMul": 0, "Gemm": 0, "QGemm": 0}
+
+
+def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
+    """Multiply-accumulates of one U-Net call on one sample, counted from the graph's Conv / MatMul /
+    Gemm nodes (float, QLinear and Integer forms) with shapes from onnxruntime's symbolic shape
+    inference at batch 1: `{"total": int, "by_op": {op_type: int}}`. Conv: output elements × the
+    weight's C_in/groups·kh·kw; MatMul and Gemm: output elements × K."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(path))
+    init = {t.name: list(t.dims) for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name == "sample":
+            for d, n in zip(dims, (1, *sample_shape)):
+                d.dim_value = n
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    shapes = dict(init)
+    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    by_op: dict[str, int] = {}
+    for node in inferred.graph.node:
+        if node.op_type not in _CONV + _MATMUL:
+            continue
+        out = shapes.get(node.output[0])
+        if out is None:
+            raise ValueError(f"{path}: no static shape for the output of {node.op_type} {node.name!r} at batch 1")
+        if node.op_type in _CONV:
+            k = int(np.prod(shapes[node.input[_WEIGHT_INPUT[node.op_type]]][1:]))
+        else:
+            a = shapes[node.input[_A_INPUT[node.op_type]]]
+            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+            k = a[-2] if trans_a else a[-1]
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + int(np.prod(out)) * int(k)
+    return dict(total=sum(by_op.values()), by_op=by_op)
+
+
+def gemm_peak(threads: int | None, n: int = 1024, reps: int = 10) -> dict:
+    """Achieved GOP/s (2 × MAC per second) of one large int8 (QLinearMatMul u8×s8) and one FP32
+    MatMul through onnxruntime: what "share of the machine's peak" is measured against."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qexport_runtime.bench import interleaved
+    from qexport_runtime.session import session_options
+
+    rng = np.random.default_rng(0)
+    w8 = numpy_helper.from_array(rng.integers(-127, 128, (n, n)).astype(np.int8), "w")
+    wf = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")
+    c = lambda name, v, dt: numpy_helper.from_array(np.array(v, dtype=dt), name)  # noqa: E731
+    int_graph = helper.make_graph(
+        [helper.make_node("QLinearMatMul", ["a", "as", "az", "w", "ws", "wz", "ys", "yz"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [n, n])],
+        [w8, c("as", 0.01, np.float32), c("az", 128, np.uint8), c("ws", 0.01, np.float32), c("wz", 0, np.int8),
+         c("ys", 1.0, np.float32), c("yz", 128, np.uint8)])
+    fp_graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "g",
+                                 [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [wf])
+    res = {}
+    for name, graph, x in (("int8", int_graph, rng.integers(0, 255, (n, n)).astype(np.uint8)),
+                           ("fp32", fp_graph, rng.standard_normal((n, n)).astype(np.float32))):
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        s = ort.InferenceSession(m.SerializeToString(), session_options(threads))
+        t = interleaved({name: lambda: s.run(None, {"a": x})}, reps)[name]
+        res[f"{name}_gops"] = 2 * n ** 3 / np.median(t) / 1e9
+    return res
+
+
+def achieved_gops(macs_per_sample: float, batch: int, step_ms: float) -> float:
+    """Operations per second (2 × MAC) of one U-Net call on `batch` samples taking `step_ms`."""
+    return 2.0 * macs_per_sample * batch / (step_ms / 1e3) / 1e9
