@@ -25,15 +25,15 @@ CIFAR10_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.0
                          prediction_type="epsilon", clip_sample=True, variance_type="fixed_large")
 
 
-def build_cifar_config_unet(folder: Path, seed: int = 0) -> Path:
-    """A diffusers pipeline folder holding a random-weight U-Net with ddpm-cifar10-32's config."""
+def build_cifar_config_unet(folder: Path, seed: int = 0, config: dict | None = None) -> Path:
+    """A diffusers pipeline folder holding a random-weight U-Net with ddpm-cifar10-32's config (or `config`)."""
     if (folder / "unet" / "diffusion_pytorch_model.safetensors").exists():
         return folder
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(seed)
-    DDPMPipeline(unet=UNet2DModel(**CIFAR10_CONFIG), scheduler=DDPMScheduler(**CIFAR10_SCHEDULER)).save_pretrained(
+    DDPMPipeline(unet=UNet2DModel(**(config or CIFAR10_CONFIG)), scheduler=DDPMScheduler(**CIFAR10_SCHEDULER)).save_pretrained(
         folder, safe_serialization=True)
     return folder
 

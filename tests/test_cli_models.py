@@ -26,12 +26,13 @@ def test_models_json_lists_all_roles():
     out = qexport("models", "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    assert {r["role"] for r in rows} == {"main", "scaled-down", "classifier"}
+    assert {r["role"] for r in rows} == {"main", "scaled-down", "distilled", "classifier"}
     for r in rows:
         assert r["params"] > 10_000 and r["bytes"] > 4 * r["params"] * 0.9  # float32 weights
         assert set(r) >= {"name", "role", "params", "bytes"}
-    main, small = (next(r for r in rows if r["role"] == k) for k in ("main", "scaled-down"))
+    main, small, student = (next(r for r in rows if r["role"] == k) for k in ("main", "scaled-down", "distilled"))
     assert small["params"] < main["params"] / 2
+    assert student["params"] == small["params"]   # the same architecture, trained another way
 
 
 def test_models_table():

