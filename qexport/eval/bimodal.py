@@ -212,7 +212,7 @@ def study(model_id: str, cfg: BimodalConfig, extractor, progress: bool = False) 
 
     from ..calibrate.api import CalibrationConfig, calibrate
     from ..zoo.loading import load_model
-    from .fidelity import PSNR_CAP_DB
+    from .fidelity import PSNR_CAP_DB, bootstrap_fd_std
     from .metrics import frechet_distance, psnr
 
     model = load_model(model_id)
@@ -234,9 +234,10 @@ def study(model_id: str, cfg: BimodalConfig, extractor, progress: bool = False) 
     floats = {site: (lambda x, t: x) for site in sites}
     for name, quantizers in [*((n, b.quantizers()) for n, b in books.items()), ("bimodal sites float", floats)]:
         images = simulated_images(**run, quantizers=quantizers)
+        feats = extractor.features(images)
         result["schemes"][name] = dict(
             activation_mse_vs_uniform={s: round(v, 4) for s, v in rel[name].items()} if name in rel else None,
-            fd_to_fp32=frechet_distance(extractor.features(images), f_ref),
+            fd_to_fp32=frechet_distance(feats, f_ref), fd_to_fp32_bootstrap_std=bootstrap_fd_std(feats, f_ref),
             label_agreement=float((extractor.labels(images) == l_ref).mean()),
             psnr_db=float(np.minimum(psnr(images, ref), PSNR_CAP_DB).mean()))
     return result
