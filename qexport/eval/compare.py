@@ -229,7 +229,9 @@ def answers(variants: list[dict], quality: bool, seed_floor: float | None) -> di
                    f"{q8['speedup_b1']:.2f}× (B=1) / {q8['speedup_b8']:.2f}× (B=8) faster per step, the "
                    f"{big['params'] / small['params']:.1f}× smaller FP32 model (MACs ÷"
                    f"{big['macs_per_step'] / small['macs_per_step']:.1f}) {small['speedup_b1']:.2f}× / "
-                   f"{small['speedup_b8']:.2f}×, so {speed[1]} wins at B=1 and {speed[8]} at B=8. The graph files: "
+                   f"{small['speedup_b8']:.2f}×, so "
+                   + (f"{speed[1]} wins at both batch sizes" if speed[1] == speed[8] else
+                      f"{speed[1]} wins at B=1 and {speed[8]} at B=8") + ". The graph files: "
                    f"W8A8 {big['bytes'] / q8['bytes']:.1f}× smaller, the small FP32 model "
                    f"{big['bytes'] / small['bytes']:.1f}× smaller. W8A8 big reaches {q8['peak_share_b8']:.0%} of "
                    f"the int8 GEMM peak at B=8, FP32 big {big['peak_share_b8']:.0%} and FP32 small "
