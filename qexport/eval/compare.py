@@ -361,25 +361,31 @@ def bimodal_answer(b: dict) -> str:
 
 
 def plot_pareto(report: dict, path: Path) -> None:
-    """Latency and memory against FD to real (or against MACs without quality), every variant labelled."""
+    """With quality: per-image latency and peak memory against FD to real. Without: per-image latency
+    against graph size and peak memory (both levers on efficiency axes only). Every variant labelled,
+    the Pareto front (lower is better on both axes) in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["variants"]
-    quality = report["seed_floor"] is not None
-    y_key, y_label = ("fd_to_real", "FD to real digits (lower is better)") if quality else \
-        ("macs_per_step", "MAC per step")
+    ms = ("image_ms_b8", "ms per image (B=8, whole loop)")
+    if report["seed_floor"] is not None:
+        panels = [(ms, ("fd_to_real", "FD to real digits (lower is better)")),
+                  (("peak_rss_mb", "peak RSS MB (B=1, fresh process)"), ("fd_to_real", "FD to real digits (lower is better)"))]
+    else:
+        panels = [(("bytes", "graph MB"), ms), (("peak_rss_mb", "peak RSS MB (B=1, fresh process)"), ms)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, (x_key, x_label) in zip(axes, (("image_ms_b8", "ms per image (B=8, whole loop)"),
-                                           ("peak_rss_mb", "peak RSS MB (B=1, fresh process)"))):
-        pts = np.array([[r[x_key], r[y_key]] for r in rows])
+    for ax, ((x_key, x_label), (y_key, y_label)) in zip(axes, panels):
+        unit = {"bytes": 1e6}
+        pts = np.array([[r[x_key] / unit.get(x_key, 1), r[y_key]] for r in rows], dtype=np.float64)
         front = [i for i, p in enumerate(pts) if not any((q <= p).all() and (q < p).any() for q in pts)]
         for i, r in enumerate(rows):
             ax.scatter(*pts[i], s=60, marker="o" if r["bits"] == 32 else "s",
                        color="tab:red" if i in front else "tab:blue", zorder=3)
-            ax.annotate(r["name"], pts[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(r["name"], pts[i], textcoords="offset points", xytext=(5, 4 - 10 * (r["bits"] == 4)),
+                        fontsize=8)
         order = sorted(front, key=lambda i: pts[i, 0])
         ax.plot(pts[order, 0], pts[order, 1], "r--", lw=1, label="Pareto front")
         ax.set_xlabel(x_label)
