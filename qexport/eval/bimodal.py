@@ -136,33 +136,18 @@ def activation_error(unet, scheduler_config: dict, sample_shape: tuple, books: d
     """Per scheme and site: MSE of the quantized tensor against the FP32 one along FP32 DDIM
     trajectories, relative to the uniform scheme's (nothing is propagated: all schemes see the same
     tensors)."""
-    from qexport_runtime.sampler import initial_noise
-    from qexport_runtime.schedulers import make_scheduler
-
-    from ..zoo.taps import install_taps, remove_taps
+    from .activation_error import fp32_trajectory
 
     qs = {name: b.quantizers() for name, b in books.items()}
     err = {name: {site: 0.0 for site in b.levels} for name, b in books.items()}
-    state = {"t": 0}
 
-    def tap(site, x):
+    def observe(site, x, t):
         for name, per_site in qs.items():
             if site in per_site:
-                err[name][site] += float(((per_site[site](x, state["t"]) - x) ** 2).mean())
-        return x
+                err[name][site] += float(((per_site[site](x, t) - x) ** 2).mean())
 
-    sched = make_scheduler("ddim", scheduler_config)
-    sched.set_timesteps(steps)
-    x = initial_noise((batch, *sample_shape), seed)
-    handles = install_taps(unet, tap)
-    try:
-        with torch.no_grad():
-            for t in sched.timesteps:
-                state["t"] = int(t)
-                eps = unet(torch.from_numpy(x), torch.tensor([int(t)])).sample.numpy()
-                x = sched.step(eps, int(t), x).prev_sample
-    finally:
-        remove_taps(handles)
+    for _ in fp32_trajectory(unet, scheduler_config, sample_shape, observe, steps, batch, seed):
+        pass
     base = err.get("uniform")
     return {name: {site: (e / base[site] if base and base[site] > 0 else e) for site, e in per.items()}
             for name, per in err.items()}
