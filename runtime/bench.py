@@ -100,7 +100,9 @@ def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, bat
     interleaved step by step through one sampling loop each."""
     entries, arts = [], {}
     for name, a, role in graphs:
-        art = arts.setdefault(str(a), load_artifact(a))
+        if str(a) not in arts:
+            arts[str(a)] = load_artifact(a)
+        art = arts[str(a)]
         path = art.graph(role)
         session = UNetSession(path, threads=threads, trusted=trusted)
         check = self_check(art, session, strict) if role != "fp32" else None

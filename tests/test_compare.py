@@ -91,3 +91,22 @@ def test_uniform_codebook_is_the_table_quantizer_and_the_compander_beats_it_on_t
     assert torch.equal(quant("uniform"), fake_quant(t, scale, zp))
     mse = {s: float(((quant(s) - t) ** 2).mean()) for s in ("uniform", "optimal-compander", "two-range")}
     assert mse["optimal-compander"] < 0.7 * mse["uniform"], mse
+
+
+def test_compare_refuses_an_extractor_without_real_statistics_before_converting(tmp_path):
+    """FD to real needs the real data's statistics: a feature network without them is refused in one
+    line, before minutes of conversion, and nothing is written."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    net = tmp_path / "features.onnx"
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"])], "f",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 16, 16])],
+                              [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", 256])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(net))
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "qexport.cli.main", "compare", "--quick", "--features", str(net),
+                        "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "has no real-data statistics for FD to real" in r.stderr and "--real-stats" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -223,6 +223,6 @@ def study(model_id: str, cfg: BimodalConfig, extractor, progress: bool = False) 
         result["schemes"][name] = dict(
             activation_mse_vs_uniform={s: round(v, 4) for s, v in rel[name].items()} if name in rel else None,
             fd_to_fp32=frechet_distance(feats, f_ref), fd_to_fp32_bootstrap_std=bootstrap_fd_std(feats, f_ref),
-            label_agreement=float((extractor.labels(images) == l_ref).mean()),
+            label_agreement=None if l_ref is None else float((extractor.labels(images) == l_ref).mean()),
             psnr_db=float(np.minimum(psnr(images, ref), PSNR_CAP_DB).mean()))
     return result

@@ -108,6 +108,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
     from .efficiency import gemm_peak
 
     t0 = time.perf_counter()
+    extractor = quality_extractor(cfg) if cfg.quality else None   # a bad --features fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = cfg.models()
@@ -131,13 +132,12 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
     _efficiency(rows, cfg, info["big"]["sample_shape"], peak)
     seed_floor, bimodal = None, None
     if cfg.quality:
-        seed_floor = _quality(rows, cfg, artifacts[("big", 8)], progress)
+        seed_floor = _quality(rows, cfg, artifacts[("big", 8)], extractor, progress)
         if cfg.bimodal:
             from .bimodal import study
-            from .features import load_extractor
 
             log.info("bimodal-activation study on %s", cfg.big)
-            bimodal = study(cfg.big, cfg.bimodal_config(), load_extractor(cfg.features, cfg.real_stats), progress)
+            bimodal = study(cfg.big, cfg.bimodal_config(), extractor, progress)
     variants = list(rows.values())
     report = dict(machine=machine_info(), gemm_peak=peak, seconds=round(time.perf_counter() - t0, 1),
                   settings=dict(dataclasses.asdict(cfg), batches=[1, 8], interleaved=True,
@@ -183,18 +183,23 @@ def _efficiency(rows: dict, cfg: CompareConfig, sample_shape: tuple, peak: dict)
             r[f"speedup_b{batch}"] = base[f"step_ms_b{batch}"] / r[f"step_ms_b{batch}"]
 
 
-def _quality(rows: dict, cfg: CompareConfig, big_w8: Path, progress: bool) -> float:
-    from qexport_runtime.artifact import load_artifact
-
-    from .features import load_extractor
-    from .fidelity import FidelityConfig, compare, fp32_reference, sample_set
-
+def quality_extractor(cfg: CompareConfig):
+    """The feature extractor of the quality figures; it must carry the real data's statistics."""
     from ..errors import QexportError
+    from .features import load_extractor
 
     extractor = load_extractor(cfg.features, cfg.real_stats)
     if getattr(extractor, "real_stats", None) is None:
         raise QexportError(f"feature extractor {cfg.features!r} has no real-data statistics for FD to real; pass "
                            f"--real-stats FILE.npz (mu and sigma of the real data's features) or --no-quality")
+    return extractor
+
+
+def _quality(rows: dict, cfg: CompareConfig, big_w8: Path, extractor, progress: bool) -> float:
+    from qexport_runtime.artifact import load_artifact
+
+    from .fidelity import FidelityConfig, compare, fp32_reference, sample_set
+
     fcfg = FidelityConfig(samples=cfg.samples, steps=cfg.steps, seed=cfg.seed, threads=cfg.threads)
     ref = fp32_reference(load_artifact(big_w8), fcfg, extractor, progress)
     for name, r in rows.items():
@@ -261,10 +266,15 @@ def answers(variants: list[dict], quality: bool, seed_floor: float | None) -> di
         if name in v:
             r = v[name]
             rq2.append(f"{name}: FD to FP32 big {r['fd_to_fp32']:.2f} ({r['fd_to_fp32_pct_floor']:.0f}% of the floor), "
-                       f"{r['label_agreement']:.1%} same digit, {r['psnr_db']:.1f} dB, FD to real "
+                       f"{_pct(r['label_agreement'])} same label, {r['psnr_db']:.1f} dB, FD to real "
                        f"{r['fd_to_real'] - big['fd_to_real']:+.2f} vs FP32 big.")
     out["rq2"] = " ".join(rq2)
     return out
+
+
+def _pct(v: float | None) -> str:
+    """A share as a percentage; n/a where the feature extractor gives no labels."""
+    return "n/a" if v is None else f"{v:.1%}"
 
 
 def markdown(report: dict) -> str:
@@ -295,7 +305,7 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in report["variants"]:
             lines.append(f"| {r['name']} | {r['fd_to_fp32']:.3f} | {r['fd_to_fp32_pct_floor']:.1f}% | "
-                         f"{r['fd_to_real']:.3f} | {r['label_agreement']:.1%} | {min(r['psnr_db'], 100):.1f} | "
+                         f"{r['fd_to_real']:.3f} | {_pct(r['label_agreement'])} | {min(r['psnr_db'], 100):.1f} | "
                          f"{r['ssim']:.4f} | {r.get('check', '–')} |")
     lines += ["", "## RQ1: hardware efficiency", "", report["answers"]["rq1"], "",
               "## RQ2: quality", "", report["answers"]["rq2"], ""]
@@ -322,7 +332,7 @@ def bimodal_markdown(b: dict) -> list[str]:
         a = np.array(list((r["activation_mse_vs_uniform"] or {}).values()), dtype=np.float64)
         mse = f"{np.exp(np.log(a).mean()):.2f} ({a.min():.2f} – {a.max():.2f})" if a.size else "0 (float)"
         lines.append(f"| {name} | {mse} | {r['fd_to_fp32']:.3f} ± {r['fd_to_fp32_bootstrap_std']:.3f} | "
-                     f"{r['label_agreement']:.1%} | {r['psnr_db']:.2f} |")
+                     f"{_pct(r['label_agreement'])} | {r['psnr_db']:.2f} |")
     lines += ["", bimodal_answer(b), ""]
     return lines
 

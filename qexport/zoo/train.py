@@ -9,8 +9,9 @@
 The DDPM writes a diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`) holding the
 EMA weights. With `--teacher` it is a distilled student: the same recipe and the same noisy inputs
 x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε of the training digits, but the regression target is the teacher's noise
-prediction at (x_t, t) instead of ε, so the student learns the teacher's function across time steps; the classifier writes `model.safetensors`, `config.json` and the real-data feature
-statistics `real_stats.npz`. Each writes `training.json` (steps, seconds, losses, parameters).
+prediction at (x_t, t) instead of ε, so the student learns the teacher's function across time steps.
+The classifier writes `model.safetensors`, `config.json` and the real-data feature statistics
+`real_stats.npz`. Each writes `training.json` (steps, seconds, losses, parameters).
 Checkpoints go to `<out>/../.checkpoints/<name>.pt` every `--ckpt-every` steps (git-ignored) and are
 resumed automatically, so a session that ends mid-training loses little.
 """
@@ -108,7 +109,8 @@ def train_ddpm(out: Path, width: int, steps: int, batch: int, lr: float, ema_dec
     out.mkdir(parents=True, exist_ok=True)
     DDPMPipeline(unet=ema, scheduler=sched).save_pretrained(out, safe_serialization=True)
     n_params = sum(p.numel() for p in ema.parameters())
-    record = dict(kind="ddpm" if teacher is None else "ddpm-distilled", width=width, steps=steps, batch=batch, lr=lr, ema_decay=ema_decay,
+    record = dict(kind="ddpm" if teacher is None else "ddpm-distilled", width=width, steps=steps, batch=batch,
+                  lr=lr, ema_decay=ema_decay,
                   seed=seed, seconds=round(seconds, 1), threads=torch.get_num_threads(),
                   **({} if teacher is None else dict(teacher=Path(teacher).name,
                                                      teacher_params=sum(p.numel() for p in teacher_unet.parameters()))),
