@@ -5,7 +5,8 @@ checked against, and the tool for measuring activation quantization error along 
 quantized/dequantized with the table's parameters for the current time step (set by
 `sim.set_timestep(t)` or automatically from the `timestep` argument of the forward), and Conv/Linear
 weights are replaced by their dequantized integer weights (float16-rounded for the float t-only
-branch, as the exported graphs store it). `on_site(site, x, xq)` observes both; `quantizers`
+branch, as the exported graphs store it) and, with activations quantized too, a Conv2d's bias by its
+int32 rounding at scale x_scale · w_scale of the current time-step group (what QLinearConv adds). `on_site(site, x, xq)` observes both; `quantizers`
 maps sites to other quantizers `fn(x, t) -> xq` that replace the table's uniform one there.
 """
 
@@ -32,9 +33,24 @@ class _Sim:
         self.table, self.on_site, self.quantizers = table, on_site, quantizers or {}
         self.index = {s: i for i, s in enumerate(table.sites)}
         self.t = 0
+        self.biases: dict[nn.Module, torch.Tensor] = {}   # module -> [K, C] bias per group
+        self.group = None
 
     def set_timestep(self, t: int) -> None:
         self.t = int(t)
+        g = int(self.table.group_of_t[self.t])
+        if g != self.group:
+            for m, per_group in self.biases.items():
+                m.bias.data = per_group[g]
+            self.group = g
+
+    def integer_bias(self, name: str, m: nn.Module) -> None:
+        """Give Conv2d `name` (input site `name`) the bias QLinearConv adds in every group."""
+        i = self.index[name]
+        b = m.bias.detach().double().numpy()
+        scale = self.table.scale[:, i].astype(np.float32)[:, None] * self.table.weight_scale[name].astype(np.float32)
+        q = np.clip(np.round(b[None, :] / scale), -2 ** 31, 2 ** 31 - 1)
+        self.biases[m] = torch.from_numpy((q.astype(np.int32) * scale).astype(np.float32))
 
     def __call__(self, site: str, x: torch.Tensor) -> torch.Tensor:
         i = self.index.get(site)
@@ -54,7 +70,7 @@ class _Sim:
 def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activations: bool = True, on_site=None,
               quantizers: dict | None = None):
     sim = _Sim(table, on_site, quantizers)
-    saved = {}
+    saved, saved_bias = {}, {}
     if weights:
         for name, m in unet.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and name in table.weight_scale:
@@ -63,6 +79,9 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
                 q = table.int_weight(name, w).astype(np.float32)
                 saved[name] = m.weight.data.clone()
                 m.weight.data = torch.from_numpy(q * s.reshape(-1, *([1] * (w.ndim - 1))))
+                if activations and isinstance(m, nn.Conv2d) and m.bias is not None and name in sim.index:
+                    saved_bias[name] = m.bias.data.clone()
+                    sim.integer_bias(name, m)
             elif isinstance(m, (nn.Conv2d, nn.Linear)) and table.half_precision(name):
                 saved[name] = m.weight.data.clone()
                 m.weight.data = m.weight.data.half().float()
@@ -81,3 +100,5 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
         mods = dict(unet.named_modules())
         for name, w in saved.items():
             mods[name].weight.data = w
+        for name, b in saved_bias.items():
+            mods[name].bias.data = b

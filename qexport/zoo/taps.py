@@ -4,8 +4,9 @@ simulation and export.
 A site is a string naming one quantized activation tensor:
   - `<module>`                  the input of a Conv2d / Linear (e.g. `down_blocks.0.resnets.0.conv1`);
   - `<module>.part<k>`          part k of a skip concatenation that feeds a Conv2d (split quantization);
-  - `<module>.out`              the output of a Conv2d / Linear *before its bias* (integer kernels
-                                produce integer outputs; the float bias is added after dequantizing);
+  - `<module>.out`              the output of a Conv2d *with* its bias (QLinearConv adds an int32
+                                bias inside the integer kernel), of a Linear *before* its bias
+                                (QLinearMatMul has none: the float bias is added after dequantizing);
   - `<attn>.qk.a` / `<attn>.qk.b`  the operands of Q·Kᵀ (query already multiplied by the softmax scale);
   - `<attn>.pv.a` / `<attn>.pv.b`  the operands of softmax(·)·V;
   - `<attn>.qk.out` / `<attn>.pv.out`  the products.
@@ -143,10 +144,9 @@ def install_taps(unet: nn.Module, fn: TapFn | None) -> list:
 
 
 def _out_hook(mod, args, out, fn, site):
-    if mod.bias is None:
+    if mod.bias is None or isinstance(mod, nn.Conv2d):
         return fn(site, out)
-    b = mod.bias.view(-1, 1, 1) if out.ndim == 4 and isinstance(mod, nn.Conv2d) else mod.bias
-    return fn(site, out - b) + b
+    return fn(site, out - mod.bias) + mod.bias
 
 
 def remove_taps(handles: list) -> None:

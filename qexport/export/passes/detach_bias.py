@@ -1,9 +1,10 @@
-"""DetachBias: make `<module>.out` sites see the product *before* the bias, as the calibrator does.
+"""DetachBias: make a Linear's `<module>.out` site see the product *before* the bias, as the
+calibrator does (a Conv's `.out` includes its bias: QLinearConv adds it as int32, see
+quantize_weights.py).
 
-Rules (the marked export writes `y = op(x) + b; Tap(y − b) + b` for every Conv/Linear):
-  1. Conv(x, W, b) → Sub(·, b') → Tap        ⇒  Conv(x, W) → Tap        (b' = b reshaped)
-  2. Gemm(x, W, b) → Sub(·, b) → Tap         ⇒  Gemm(x, W) → Tap
-  3. MatMul(x, W) → Add(·, b) → Sub(·, b) → Tap ⇒ MatMul(x, W) → Tap
+Rules (the marked export writes `y = op(x) + b; Tap(y − b) + b` for every Linear):
+  1. Gemm(x, W, b) → Sub(·, b) → Tap         ⇒  Gemm(x, W) → Tap
+  2. MatMul(x, W) → Add(·, b) → Sub(·, b) → Tap ⇒ MatMul(x, W) → Tap
 The `+ b` after the tap stays, so the float bias is added after dequantization.
 """
 
@@ -35,7 +36,7 @@ class DetachBias:
             y = prod.get(sub.input[0])
             if b_sub is None or y is None:
                 continue
-            if y.op_type in ("Conv", "Gemm") and len(y.input) == 3:
+            if y.op_type == "Gemm" and len(y.input) == 3:
                 b = _const(inits, y.input[2])
                 if b is None or not np.allclose(b.ravel(), b_sub.ravel()):
                     continue

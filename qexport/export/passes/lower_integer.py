@@ -3,10 +3,12 @@ runs integer kernels even though the scales are looked up by time step (ORT only
 patterns whose scales are constants).
 
 Rules:
-  1. DQ(x_q) → Conv(·, DQ(W_q)) → Q(y)          ⇒  QLinearConv(x_q, …, W_q, …, y_scale, y_zp) → y_q
+  1. DQ(x_q) → Conv(·, DQ(W_q)[, DQ(B_q)]) → Q(y) ⇒  QLinearConv(x_q, …, W_q, …, y_scale, y_zp[, B_q]) → y_q
+     (B_q: the int32 bias at scale x_scale · w_scale, see quantize_weights.py)
   2. DQ(a_q) → MatMul(·, DQ(W_q) | DQ(b_q)) → Q(y) ⇒  QLinearMatMul(a_q, …, b_q, …) → y_q
   3. DQ(a_q) → Gemm(·, DQ(W_q), transB=1) → Q(y)  ⇒  QLinearMatMul with Wᵀ stored as [I, O]
-The Q's dequantize (and the float bias Add after it) stay as they are, so consumers are untouched.
+The Q's dequantize (and, for MatMul, the float bias Add after it) stay as they are, so consumers are
+untouched.
 Convs fed by a Concat of separately quantized parts (split quantization) keep their QDQ form.
 4-bit weights stay 4-bit in the file; a Cast to int8 (folded by ORT when the session loads) feeds
 the integer kernel.
@@ -34,9 +36,12 @@ class LowerToInteger:
     def _lower(self, g: onnx.GraphProto, node: onnx.NodeProto) -> None:
         prod, cons, inits = producers(g), consumers(g), initializer_map(g)
         dq_a, dq_b = prod.get(node.input[0]), prod.get(node.input[1])
+        dq_bias = prod.get(node.input[2]) if len(node.input) > 2 else None
         users = cons[node.output[0]]
         if not (_is(dq_a, "DequantizeLinear") and _is(dq_b, "DequantizeLinear") and len(users) == 1
-                and _is(users[0], "QuantizeLinear")) or len(node.input) > 2:
+                and _is(users[0], "QuantizeLinear")) or len(node.input) > 3:
+            return
+        if len(node.input) == 3 and not (node.op_type == "Conv" and _is(dq_bias, "DequantizeLinear")):
             return
         q_y = users[0]
         b_q, b_s, b_z = (list(dq_b.input) + [None])[:3]
@@ -58,7 +63,8 @@ class LowerToInteger:
         y_s, y_z = q_y.input[1], q_y.input[2]
         op = "QLinearConv" if node.op_type == "Conv" else "QLinearMatMul"
         attrs = [a for a in node.attribute] if op == "QLinearConv" else []
-        lin = helper.make_node(op, [a_q, a_s, a_z, b_q, b_s, b_z, y_s, y_z], [q_y.output[0]],
+        bias = [dq_bias.input[0]] if dq_bias is not None else []
+        lin = helper.make_node(op, [a_q, a_s, a_z, b_q, b_s, b_z, y_s, y_z, *bias], [q_y.output[0]],
                                name=f"{node.name or q_y.name}/int")
         lin.attribute.extend(attrs)
         idx = list(g.node).index(node)
@@ -66,9 +72,12 @@ class LowerToInteger:
         g.node.remove(q_y)
         for k, n in enumerate(new_nodes + [lin]):
             g.node.insert(idx + k, n)
-        for dq in (dq_a, dq_b):
-            if not consumers(g)[dq.output[0]]:
+        for dq in (dq_a, dq_b, dq_bias):
+            if dq is not None and not consumers(g)[dq.output[0]]:
                 g.node.remove(dq)
+                scale = producers(g).get(dq.input[1])   # the bias scale's Mul, now unused
+                if dq is dq_bias and _is(scale, "Mul") and not consumers(g)[scale.output[0]]:
+                    g.node.remove(scale)
         self.lowered += 1
 
 

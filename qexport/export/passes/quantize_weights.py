@@ -1,6 +1,10 @@
 """QuantizeWeights: the float weight of every Conv / Gemm / MatMul whose activation input is
 dequantized becomes an integer initializer (int8, or int4 at 4 bits) with per-output-channel
-DequantizeLinear, using the table's weight scales (keyed by module name).
+DequantizeLinear, using the table's weight scales (keyed by module name). A Conv's float bias becomes
+int32 at scale x_scale · w_scale, the form QLinearConv adds inside the integer kernel: with
+looked-up input scales the int32 values differ per time-step group, so all of them sit in one
+`[K, ΣC]` table read by one Gather (by the group the activation lookups chose) and one Split. A Conv
+over a split-quantized concatenation has no single input scale and keeps its float bias.
 
 The module of a node is found from the site of the DequantizeLinear feeding its activation input
 (`<module>/DQ`, or `<module>.part<k>/DQ` through a Concat). Weight layouts: Conv `[O, I, kh, kw]`
@@ -38,6 +42,8 @@ def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
 
 
 class QuantizeWeights:
+    GROUP = "qx/group"   # the time-step group tensor of LookupParams
+
     def __init__(self, table: QuantTable):
         self.table = table
 
@@ -45,6 +51,7 @@ class QuantizeWeights:
         g = model.graph
         prod, inits = producers(g), initializer_map(g)
         self.quantized: dict[str, tuple[str, int]] = {}
+        self.pending_bias: list[tuple[str, np.ndarray]] = []
         for node in list(g.node):
             if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
                 continue
@@ -75,4 +82,51 @@ class QuantizeWeights:
             if not any(old in n.input for n in g.node):
                 g.initializer.remove(inits[old])
             self.quantized[module] = (node.op_type, bits)
+            if node.op_type == "Conv":
+                self._quantize_bias(g, node, module, scale.astype(np.float32), prod, inits)
+        self._emit_bias_lookup(g)
         return bool(self.quantized)
+
+    def _quantize_bias(self, g, node, module: str, w_scale: np.ndarray, prod: dict, inits: dict) -> None:
+        src = prod.get(node.input[0])
+        if len(node.input) < 3 or node.input[2] not in inits or src is None or src.op_type != "DequantizeLinear":
+            return
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        x_scale = src.input[1]
+        if x_scale in inits:              # constant parameters (one group)
+            scale = np.float32(numpy_helper.to_array(inits[x_scale])) * w_scale
+            bias_q, scale_name = add_initializer(g, f"qx/{module}/bias_q", _int32(b / scale)), \
+                add_initializer(g, f"{module}/bias_scale", scale)
+            new = []
+        else:                             # looked up per group: one column block of the bias table
+            site = src.name.rsplit("/DQ", 1)[0]
+            xs = self.table.scale[:, self.table.site_index(site)].astype(np.float32)     # [K]
+            bias_q, scale_name = f"qx/{module}/bias_q", f"{module}/bias_scale"
+            self.pending_bias.append((bias_q, _int32(b[None, :] / (xs[:, None] * w_scale[None, :]))))
+            new = [helper.make_node("Mul", [x_scale, f"{module}/weight_scale"], [scale_name], name=f"{module}/bias_scale")]
+        new.append(helper.make_node("DequantizeLinear", [bias_q, scale_name], [f"{module}/bias_dq"],
+                                    name=f"{module}/bias/DQ", axis=0))
+        old = node.input[2]
+        node.input[2] = f"{module}/bias_dq"
+        idx = list(g.node).index(node)
+        for k, n in enumerate(new):
+            g.node.insert(idx + k, n)
+        if not any(old in n.input for n in g.node):
+            g.initializer.remove(inits[old])
+
+    def _emit_bias_lookup(self, g) -> None:
+        if not self.pending_bias:
+            return
+        names = [n for n, _ in self.pending_bias]
+        add_initializer(g, "qx/bias_table", np.concatenate([c for _, c in self.pending_bias], axis=1))   # [K, ΣC]
+        add_initializer(g, "qx/bias_split", np.array([c.shape[1] for _, c in self.pending_bias], np.int64))
+        nodes = [helper.make_node("Gather", ["qx/bias_table", self.GROUP], ["qx/bias_row"], name="qx/bias_row", axis=0),
+                 helper.make_node("Split", ["qx/bias_row", "qx/bias_split"], names, name="qx/bias_split", axis=0)]
+        at = next(i for i, n in enumerate(g.node) if self.GROUP in n.output) + 1
+        for k, n in enumerate(nodes):
+            g.node.insert(at + k, n)
+
+
+def _int32(x: np.ndarray) -> np.ndarray:
+    info = np.iinfo(np.int32)
+    return np.clip(np.round(x), info.min, info.max).astype(np.int32)
