@@ -2,8 +2,9 @@
 `<module>.out` tap stays float (the FP32 reference graph, and float modules of the quantized graphs).
 
 The marked export writes `Tap(y − b) + b` after every Linear so that its `.out` site sees the
-product before the bias (see detach_bias.py; a Conv's `.out` includes its bias and has no pair); once the tap is gone the pair is two full-tensor
-operations that compute nothing, and they made the FP32 reference look ~10% slower than it is.
+product before the bias (see detach_bias.py; a Conv's `.out` includes its bias and has no pair);
+once the tap is gone the pair is two full-tensor operations that compute nothing, and they made the
+FP32 reference look ~10% slower than it is.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ class QuantizeWeights:
         x_scale = src.input[1]
         if x_scale in inits:              # constant parameters (one group)
             scale = np.float32(numpy_helper.to_array(inits[x_scale])) * w_scale
-            bias_q, scale_name = add_initializer(g, f"qx/{module}/bias_q", _int32(b / scale)), \
-                add_initializer(g, f"{module}/bias_scale", scale)
+            bias_q = add_initializer(g, f"qx/{module}/bias_q", _int32(b / scale))
+            scale_name = add_initializer(g, f"{module}/bias_scale", scale)
             new = []
         else:                             # looked up per group: one column block of the bias table
             site = src.name.rsplit("/DQ", 1)[0]
