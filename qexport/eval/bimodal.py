@@ -153,7 +153,7 @@ def activation_error(unet, scheduler_config: dict, sample_shape: tuple, books: d
             for name, per in err.items()}
 
 
-def simulated_images(unet, table: QuantTable, scheduler_config: dict, sample_shape: tuple, samples: int, steps: int,
+def simulated_images(unet, table: QuantTable, scheduler_config: dict, samples: int, steps: int,
                      seed: int = 0, batch: int = 128, quantizers: dict | None = None,
                      quantized: bool = True) -> np.ndarray:
     """DDIM samples (η = 0) of the FP32 model (`quantized=False`) or of its W/A simulation under
@@ -161,23 +161,13 @@ def simulated_images(unet, table: QuantTable, scheduler_config: dict, sample_sha
     like the runtime's sampler, so sets from different schemes pair up image by image."""
     from contextlib import nullcontext
 
-    from qexport_runtime.sampler import initial_noise
-    from qexport_runtime.schedulers import make_scheduler
-
+    from ..zoo.model_card import sample_torch
     from .simulate import simulated
 
-    out = []
     ctx = simulated(unet, table, quantizers=quantizers) if quantized else nullcontext()
-    with ctx, torch.no_grad():
-        for i, start in enumerate(range(0, samples, batch)):
-            sched = make_scheduler("ddim", scheduler_config)
-            sched.set_timesteps(steps)
-            x = initial_noise((min(batch, samples - start), *sample_shape), seed + i)
-            for t in sched.timesteps:
-                eps = unet(torch.from_numpy(x), torch.tensor([int(t)])).sample.numpy()
-                x = sched.step(eps, int(t), x).prev_sample
-            out.append(x)
-    return np.concatenate(out)
+    with ctx:
+        return np.concatenate([sample_torch(unet, scheduler_config, min(batch, samples - start), steps, seed + i)
+                               for i, start in enumerate(range(0, samples, batch))])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +202,7 @@ def study(model_id: str, cfg: BimodalConfig, extractor, progress: bool = False) 
         return result
     books = {name: Codebooks.build(name, sites, stats, table) for name in SCHEMES}
     rel = activation_error(model.unet, model.scheduler_config, model.sample_shape, books, steps=cfg.steps)
-    run = dict(unet=model.unet, table=table, scheduler_config=model.scheduler_config, sample_shape=model.sample_shape,
+    run = dict(unet=model.unet, table=table, scheduler_config=model.scheduler_config,
                samples=cfg.samples, steps=cfg.steps, seed=cfg.seed)
     ref = simulated_images(**run, quantized=False)
     f_ref, l_ref = extractor.features(ref), extractor.labels(ref)
