@@ -64,3 +64,41 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+# --- the text-to-image model: 32x32 digits, an 8x8x4 latent space, a small CLIP text encoder ---
+
+T2I_RESOLUTION = 32
+T2I_MAX_TOKENS = 16
+
+
+def t2i_vae_config() -> dict:
+    """`AutoencoderKL` config: 32x32x1 images <-> 8x8x4 latents (two 2x downsamplings)."""
+    return dict(
+        in_channels=1, out_channels=1, latent_channels=4, sample_size=T2I_RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+    )
+
+
+def t2i_text_config(vocab_size: int, bos: int, eos: int) -> dict:
+    """`CLIPTextConfig` of the small text encoder (2 layers, width 64, 16 positions)."""
+    return dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=T2I_MAX_TOKENS, projection_dim=64,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_act="quick_gelu")
+
+
+def t2i_unet_config() -> dict:
+    """`UNet2DConditionModel` config: cross-attention at 8x8 and in the 4x4 mid block, SD-style."""
+    return dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def t2i_scheduler_config() -> dict:
+    """Stable Diffusion's noise schedule (T=1000, scaled-linear betas 0.00085 ... 0.012)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
