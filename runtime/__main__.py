@@ -1,6 +1,7 @@
 """`python -m qexport_runtime`: the device-side command line (numpy + onnxruntime only).
 
     python -m qexport_runtime sample ARTIFACT --steps 50 --batch 16 -o out/
+    python -m qexport_runtime sample T2I_ARTIFACT --prompt "a handwritten seven" --guidance 4 --steps 25 -o out/
     python -m qexport_runtime bench ARTIFACT [ARTIFACT ...] --steps 20 --batch 1 --threads 4 --json bench.json
     python -m qexport_runtime check ARTIFACT [--json check.json]
     python -m qexport_runtime generate ARTIFACT --steps 20 --batch 4 [--png] -o out/   (one-call graph)
@@ -26,6 +27,8 @@ def _sample(args: argparse.Namespace) -> int:
     from .sampler import Sampler
 
     art = load_artifact(args.artifact)
+    if args.prompt is not None or "text" in art.manifest.extra:
+        return _sample_text(args, art)
     sampler = Sampler(art, role=args.graph, scheduler=args.scheduler, threads=args.threads,
                       correction={"auto": None, "on": True, "off": False}[args.correction], strict=args.strict,
                       trusted=args.trust_artifact)
@@ -43,6 +46,35 @@ def _sample(args: argparse.Namespace) -> int:
     (out / "sample.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out/'samples.png'} and {out/'samples.npy'} ({args.batch} images, {args.steps} steps, "
           f"{summary['step_ms_median']:.1f} ms/step, graph {sampler.graph_path.name})")
+    return 0
+
+
+def _sample_text(args: argparse.Namespace, art) -> int:
+    from .text2image import TextToImage
+
+    if args.prompt is None:
+        raise ArtifactError(f"artifact {art.path} is text-to-image: pass --prompt \"…\" (and --guidance, "
+                            f"--negative-prompt)")
+    if args.correction == "on":
+        raise ArtifactError("the ε correction is not available for text-to-image artifacts; drop --correction on")
+    t2i = TextToImage(art, threads=args.threads, role=args.graph, strict=args.strict, trusted=args.trust_artifact)
+    res = t2i.generate(args.prompt, args.negative_prompt, args.guidance, steps=args.steps, batch=args.batch,
+                       seed=args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", res.images)
+    write_png(out / "samples.png", grid(res.images, scale=args.scale))
+    steps_ms = float(np.median(res.timings["unet_steps"]) * 1e3)
+    summary = dict(artifact=str(art.path), graph=t2i.sampler.graph_path.name, prompt=args.prompt,
+                   negative_prompt=args.negative_prompt, guidance=args.guidance or t2i.info["guidance"],
+                   steps=args.steps, batch=args.batch, seed=args.seed, scheduler="ddim",
+                   text_ms=res.timings["text"] * 1e3, unet_step_ms_median=steps_ms, vae_ms=res.timings["vae"] * 1e3,
+                   total_seconds=res.timings["total"], cpu=kernel_path().to_dict(),
+                   check=t2i.check.to_dict() if t2i.check else None)
+    (out / "sample.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out/'samples.png'} and {out/'samples.npy'} ({args.batch} images of {args.prompt!r}, "
+          f"{args.steps} steps, guidance {summary['guidance']}, {steps_ms:.1f} ms/U-Net step, graph "
+          f"{t2i.sampler.graph_path.name})")
     return 0
 
 
@@ -143,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--correction", choices=["auto", "on", "off"], default="auto",
                    help="the artifact's per-step ε correction: auto = as the artifact says (default)")
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG grid")
+    s.add_argument("--prompt", default=None, help="text-to-image artifacts: what to draw")
+    s.add_argument("--negative-prompt", default="", help="text-to-image: the unconditional half of CFG (default: empty)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="text-to-image: classifier-free guidance scale (default: the artifact's)")
     s.add_argument("--strict", action="store_true",
                    help="refuse to sample when the integer graph fails its load-time self-check on this CPU")
     add_trust_argument(s)

@@ -39,6 +39,7 @@ class Probes:
     timestep: np.ndarray  # [P] int64
     golden: np.ndarray    # [P, B, C, H, W]: the float-emulated QDQ graph's output
     fp32: np.ndarray      # [P, B, C, H, W]: the FP32 graph's output
+    context: np.ndarray | None = None  # [P, B, L, D]: encoder_hidden_states of a text-conditioned U-Net
 
     def save(self, path: Path) -> None:
         """An `.npz` with fixed zip entry times, so the same probes give the same bytes (np.savez
@@ -46,7 +47,7 @@ class Probes:
         import io
 
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-            for k in ARRAYS:
+            for k in ARRAYS + (("context",) if self.context is not None else ()):
                 buf = io.BytesIO()
                 np.save(buf, getattr(self, k), allow_pickle=False)
                 z.writestr(zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
@@ -60,7 +61,8 @@ def load_probes(artifact: Artifact) -> Probes | None:
     path = artifact.path / names[0]
     try:
         with np.load(path, allow_pickle=False) as z:
-            p = Probes(**{k: np.asarray(z[k]) for k in ARRAYS})
+            p = Probes(**{k: np.asarray(z[k]) for k in ARRAYS},
+                       context=np.asarray(z["context"]) if "context" in z.files else None)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ArtifactError(f"{path} is not a valid probes file ({type(e).__name__}); re-export the artifact") \
             from None
@@ -68,6 +70,8 @@ def load_probes(artifact: Artifact) -> Probes | None:
     ok = p.timestep.ndim == 1 and all(a.ndim == len(shape) and a.shape[0] == shape[0] and a.shape[2:] == shape[2:]
                                       and a.shape == p.sample.shape and a.dtype == np.float32
                                       for a in (p.sample, p.golden, p.fp32))
+    if p.context is not None:
+        ok = ok and p.context.ndim == 4 and p.context.shape[:2] == p.sample.shape[:2] and p.context.dtype == np.float32
     if not ok or not np.all((p.timestep >= 0) & (p.timestep < artifact.manifest.num_train_timesteps)):
         raise ArtifactError(f"{path} has probe arrays of the wrong shape or time steps; re-export the artifact")
     return p
@@ -108,8 +112,9 @@ def _rms(a: np.ndarray) -> float:
 def check_session(artifact: Artifact, session, probes: Probes) -> CheckResult:
     """Run every probe through `session` (a UNetSession) and judge it (module docstring)."""
     excess, deviation = [], []
-    for x, t, gold, fp in zip(probes.sample, probes.timestep, probes.golden, probes.fp32):
-        y = np.array(session(x, int(t)))
+    contexts = probes.context if probes.context is not None else [None] * len(probes.timestep)
+    for x, t, gold, fp, c in zip(probes.sample, probes.timestep, probes.golden, probes.fp32, contexts):
+        y = np.array(session(x, int(t), c))
         qerr = max(_rms(gold - fp), 1e-12)
         excess.append(_rms(y - fp) / qerr - 1)
         deviation.append(_rms(y - gold) / qerr)

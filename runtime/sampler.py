@@ -80,8 +80,11 @@ class Sampler:
         self.scheduler_name = scheduler
         self.scheduler_overrides = scheduler_overrides
 
-    def sample(self, num_steps: int = 50, batch: int = 1, seed: int = 0,
-               return_trajectory: bool = False) -> SampleResult:
+    def sample(self, num_steps: int = 50, batch: int = 1, seed: int = 0, return_trajectory: bool = False,
+               context: np.ndarray | None = None, guidance: float = 1.0) -> SampleResult:
+        """`context` ([2·batch, L, D] = [uncond; cond] text embeddings) samples a text-conditioned U-Net
+        with classifier-free guidance: one graph call per step on the CFG batch `[x; x]`, then
+        ε = ε_u + guidance·(ε_c − ε_u)."""
         m = self.artifact.manifest
         if not 1 <= num_steps <= m.num_train_timesteps:
             raise ValueError(f"steps must be in [1, {m.num_train_timesteps}] (the model's training time steps), "
@@ -94,9 +97,16 @@ class Sampler:
         rng = np.random.default_rng(seed + 1_000_003)  # step noise for stochastic samplers
         step_s, traj = [], []
         t_loop = time.perf_counter()
+        if context is not None and context.shape[0] != 2 * batch:
+            raise ValueError(f"context has {context.shape[0]} rows; classifier-free guidance needs 2·batch = "
+                             f"{2 * batch} ([uncond; cond])")
         for t in sched.timesteps:
             t0 = time.perf_counter()
-            eps = self.session(x, int(t))
+            if context is None:
+                eps = self.session(x, int(t))
+            else:
+                eps2 = self.session(np.concatenate([x, x]), int(t), context)
+                eps = eps2[:batch] + np.float32(guidance) * (eps2[batch:] - eps2[:batch])
             step_s.append(time.perf_counter() - t0)
             x = denoise_step(sched, eps, int(t), x, rng, self.correction)
             if return_trajectory:

@@ -3,8 +3,9 @@
 `UNetSession(path, threads)` binds inputs and a preallocated output through IO binding, so a step
 allocates nothing in Python. Graph files are untrusted: load failures become one-line
 `ArtifactError`s, shapes and time steps are checked, and `.ort` files (which may carry saved runtime
-optimizations) load only with `trusted=True`; `__call__(sample, t)` returns the noise prediction (a view of the
-reused output buffer: copy it if you keep it across steps).
+optimizations) load only with `trusted=True`; `__call__(sample, t, context=None)` returns the noise
+prediction (a view of the reused output buffer: copy it if you keep it across steps). A text-conditioned
+U-Net's graph has a third input, `encoder_hidden_states [batch, L, D]` (`context`).
 """
 
 from __future__ import annotations
@@ -53,18 +54,28 @@ class UNetSession:
                                 f"or re-export it") from None
         self.load_ms = (time.perf_counter() - t0) * 1e3
         inputs = {i.name: i for i in self.session.get_inputs()}
-        if set(inputs) != {"sample", "timestep"}:
-            raise ArtifactError(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(inputs)}; "
-                                f"this is not a qexport U-Net graph")
+        if set(inputs) not in ({"sample", "timestep"}, {"sample", "timestep", "encoder_hidden_states"}):
+            raise ArtifactError(f"{path}: expected inputs 'sample', 'timestep' (and 'encoder_hidden_states'), found "
+                                f"{sorted(inputs)}; this is not a qexport U-Net graph")
         self.sample_dims = list(inputs["sample"].shape)
+        self.context_dims = list(inputs["encoder_hidden_states"].shape) if len(inputs) == 3 else None
         self.num_train_timesteps = num_train_timesteps
         self.output_name = self.session.get_outputs()[0].name
         self._binding = self.session.io_binding()
         self._out: np.ndarray | None = None
         self._t = np.zeros((1,), dtype=np.int64)
 
-    def __call__(self, sample: np.ndarray, timestep: int) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, timestep: int, context: np.ndarray | None = None) -> np.ndarray:
         sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if (context is None) != (self.context_dims is None):
+            raise ValueError(f"{self.path.name} " + ("needs encoder_hidden_states (text embeddings): pass a prompt"
+                                                     if context is None else "is not text-conditioned: pass no prompt"))
+        if context is not None:
+            context = np.ascontiguousarray(context, dtype=np.float32)
+            if context.ndim != 3 or context.shape[0] != sample.shape[0] or any(
+                    isinstance(d, int) and d != n for d, n in zip(self.context_dims[1:], context.shape[1:])):
+                raise ValueError(f"encoder_hidden_states of shape {list(context.shape)} does not fit "
+                                 f"{self.path.name}'s input {self.context_dims} for a batch of {sample.shape[0]}")
         dims = self.sample_dims
         if sample.ndim != len(dims) or sample.shape[0] < 1 or any(
                 isinstance(d, int) and d != n for d, n in zip(dims[1:], sample.shape[1:])):
@@ -80,5 +91,7 @@ class UNetSession:
         self._t[0] = timestep
         self._binding.bind_cpu_input("sample", sample)
         self._binding.bind_cpu_input("timestep", self._t)
+        if context is not None:
+            self._binding.bind_cpu_input("encoder_hidden_states", context)
         self.session.run_with_iobinding(self._binding)
         return self._out

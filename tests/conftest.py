@@ -59,3 +59,29 @@ def tiny_artifact(tiny_pipeline_dir, tmp_path_factory) -> Path:
     return convert(str(tiny_pipeline_dir), tmp_path_factory.mktemp("tiny-art") / "art", correction="off",
                    calibration=CalibrationConfig(source=SourceConfig(steps=10, samples=40, trajectories=4)),
                    progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_pipeline_dir(tmp_path_factory) -> Path:
+    """A random Stable-Diffusion-layout pipeline (the shipped text-to-image architecture, untrained)."""
+    torch = pytest.importorskip("torch", reason="needs the toolchain extra")
+    pytest.importorskip("transformers", reason="needs the toolchain extra")
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from qexport.zoo import bpe, prompts
+    from qexport.zoo.architectures import (T2I_MAX_TOKENS, t2i_scheduler_config, t2i_text_config, t2i_unet_config,
+                                           t2i_vae_config)
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-t2i") / "pipeline"
+    vocab, merges = bpe.learn(prompts.corpus(), 200)
+    bpe.save(out / "tokenizer", vocab, merges, T2I_MAX_TOKENS)
+    tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**t2i_vae_config()), unet=UNet2DConditionModel(**t2i_unet_config()),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**t2i_text_config(len(tok), tok.bos_token_id, tok.eos_token_id))),
+        tokenizer=tok, scheduler=DDIMScheduler.from_config(t2i_scheduler_config()), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

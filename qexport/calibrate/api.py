@@ -18,6 +18,7 @@ from ..tables.build import TableConfig, build_table
 from ..tables.ranges import RangeConfig
 from ..tables.schema import QuantTable
 from ..tables.stats import ActivationStats
+from ..zoo.guidance import inner_unet
 from ..zoo.loading import LoadedModel
 from .observers import collect_statistics
 from .sources import CalibrationSource, SourceConfig
@@ -53,11 +54,12 @@ class CalibrationConfig:
 
 def unet_weights(unet: nn.Module) -> dict[str, np.ndarray]:
     """Float weights of every Conv2d / Linear, by module name."""
-    return {n: m.weight.detach().numpy() for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {n: m.weight.detach().numpy() for n, m in inner_unet(unet).named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def first_last_layers(unet: nn.Module) -> tuple[str, ...]:
-    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d)]
+    names = [n for n, m in inner_unet(unet).named_modules() if isinstance(m, nn.Conv2d)]
     return tuple(n for n in ("conv_in", "conv_out") if n in names) or (names[0], names[-1])
 
 
@@ -68,7 +70,7 @@ def calibrate(model: LoadedModel, cfg: CalibrationConfig = CalibrationConfig(),
         raise QexportError(f"--steps {cfg.source.steps} / --groups {cfg.table.groups} exceed the model's {T} "
                            f"training time steps; choose at most {T}")
     source = CalibrationSource(model.scheduler_config, model.sample_shape, cfg.source)
-    stats = collect_statistics(model.unet, source, bins=cfg.bins, progress=progress)
+    stats = collect_statistics(model.denoiser(), source, bins=cfg.bins, progress=progress)
     calib = dict(model_id=model.model_id, weights_sha256=model.weights_sha256, **cfg.to_dict(),
                  samples=source.num_samples)  # nothing run-dependent here: same inputs, same table bytes
     table = build_table(stats, model.num_train_timesteps, unet_weights(model.unet), cfg.table, calib,

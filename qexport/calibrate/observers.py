@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..errors import QexportError
 from ..tables.stats import ActivationStats
+from ..zoo.guidance import cfg_halves
 from ..zoo.taps import install_taps, remove_taps
 from .sources import CalibrationSource
 
@@ -90,13 +91,14 @@ def rebin(hist: np.ndarray, lo: float, hi: float, new_lo: float, new_hi: float) 
 
 def _run_pass(model, source: CalibrationSource, update, t_index_of: dict, desc: str | None) -> None:
     state = {"ti": 0, "keep": 0}
+    halves = cfg_halves(model)
 
     def tap(site, x):
         k = state["keep"]
         if k:
-            # attention operands are [batch·heads, ...]: keep the rows of the first k images
-            rows = x.shape[0] // state["batch"] * k
-            update(site, state["ti"], x.detach()[:rows])
+            # rows are [halves · batch · heads, ...] (halves = 2 under CFG): keep the first k images of each half
+            kept = x.detach().reshape(halves, state["batch"], -1, *x.shape[1:])[:, :k]
+            update(site, state["ti"], kept.reshape(-1, *x.shape[1:]))
         return x
 
     def forward(sample: torch.Tensor, t: int, keep: int) -> torch.Tensor:

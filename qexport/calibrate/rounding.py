@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..tables.schema import QuantTable
+from ..zoo.guidance import inner_unet
 from .sources import CalibrationSource, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def learn_rounding(unet: nn.Module, table: QuantTable, cfg: RoundingConfig = Rou
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    mods = dict(unet.named_modules())
+    mods = dict(inner_unet(unet).named_modules())
     quantized = {n: m for n, m in mods.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n in table.weight_scale}
     targets = {n: m for n, m in quantized.items() if int(table.weight_bits[n]) in cfg.bits}
     saved = {n: m.weight.data for n, m in quantized.items()}
@@ -326,5 +327,5 @@ def learn_rounding(unet: nn.Module, table: QuantTable, cfg: RoundingConfig = Rou
 def learn_weight_rounding(model, table: QuantTable, cfg: RoundingConfig = RoundingConfig(),
                           progress: bool = True, report: dict | None = None) -> dict[str, np.ndarray]:
     """`learn_rounding` for a `LoadedModel` (`qexport.zoo.loading`)."""
-    return learn_rounding(model.unet, table, cfg, scheduler_config=model.scheduler_config,
+    return learn_rounding(model.denoiser(), table, cfg, scheduler_config=model.scheduler_config,
                           sample_shape=model.sample_shape, progress=progress, report=report)

@@ -27,6 +27,8 @@ def _add(p: argparse.ArgumentParser) -> None:
                         "held-out ε error (default), on, off")
     p.add_argument("--rounding", choices=["nearest", "learned"], default=None,
                    help="integer weight rounding (default: learned at --bits 4, nearest at 8)")
+    p.add_argument("--vae-bits", type=int, choices=[8, 32], default=32,
+                   help="text-to-image pipelines: VAE decoder as FP32 (32, default) or static int8 (8)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the correction fit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_calibration_arguments(p)
@@ -48,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.output or f"{Path(args.model_id).name}-w{args.bits}a8")
     conf = ConvertConfig(bits=args.bits, groups=args.groups, method=method, calibration=cfg, tables=args.tables,
                          static_groups=args.static_groups, correction=args.correction, rounding=args.rounding,
-                         threads=args.threads, pipeline_graph=args.pipeline_graph, mobile=args.mobile)
+                         threads=args.threads, pipeline_graph=args.pipeline_graph, mobile=args.mobile,
+                         vae_bits=args.vae_bits)
     convert(args.model_id, out, conf, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
             progress=sys.stderr.isatty())
     art = load_artifact(out)
@@ -56,7 +59,12 @@ def _run(args: argparse.Namespace) -> int:
     fp32 = next(e.bytes for e in m.files.values() if e.role == "fp32")
     print(f"\nwrote {out}: W{m.bits['weights']}A{m.bits['activations']}, {m.groups} time-step groups, method {m.method}, "
           f"{m.extra['tables']['weight_rounding']} weight rounding")
-    if "correction" in m.extra:
+    if "text" in m.extra:
+        t = m.extra["text"]
+        print(f"text-to-image: tokenizer + text encoder (FP32) + VAE decoder ({'int8' if t['vae_bits'] == 8 else 'FP32'}), "
+              f"{t['max_length']} tokens, default guidance {t['guidance']}; ε correction: "
+              f"{m.extra['correction']['reason']}")
+    elif "correction" in m.extra:
         c = m.extra["correction"]
         print(f"ε correction: held-out final-image RMS vs FP32 {c['heldout_image_rmse']:.4f} → "
               f"{c['heldout_image_rmse_corrected']:.4f} ({-100 * c['heldout_gain']:+.1f}%), "

@@ -11,7 +11,9 @@ from .base import Command
 def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", metavar="ARTIFACT", help="artifact folder written by `qexport convert`")
     p.add_argument("--samples", type=int, default=512, help="images per set (default 512)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50; 25 for text-to-image)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="text-to-image: classifier-free guidance scale (default: the artifact's)")
     p.add_argument("--scheduler", choices=["ddim", "ddpm", "dpmsolver++"], default="ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=128, help="images per sampler call")
@@ -43,10 +45,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.samples < 2:
         raise QexportError(f"--samples must be at least 2 (got {args.samples}); Fréchet distances need a covariance")
-    load_artifact(args.artifact)  # a broken artifact fails here, before any sampling
-    cfg = FidelityConfig(samples=args.samples, steps=args.steps, scheduler=args.scheduler, seed=args.seed,
+    art = load_artifact(args.artifact)  # a broken artifact fails here, before any sampling
+    text = "text" in art.manifest.extra
+    if text and args.curves:
+        raise QexportError("--curves is not available for text-to-image artifacts yet; drop it")
+    steps = args.steps if args.steps is not None else (25 if text else 50)
+    cfg = FidelityConfig(samples=args.samples, steps=steps, scheduler=args.scheduler, seed=args.seed,
                          batch=args.batch, threads=args.threads, role=args.graph,
-                         correction={"auto": None, "on": True, "off": False}[args.correction])
+                         correction={"auto": None, "on": True, "off": False}[args.correction], guidance=args.guidance)
     report, ref = evaluate(args.artifact, cfg, load_extractor(args.features, args.real_stats),
                            progress=sys.stderr.isatty())
     images = report.pop("_images")
@@ -54,11 +60,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.curves:
         from ..eval.accumulation import error_curves, plot_curves
 
-        curves = error_curves(args.artifact, role=args.graph, samples=min(64, args.samples), steps=args.steps,
+        curves = error_curves(args.artifact, role=args.graph, samples=min(64, args.samples), steps=steps,
                               scheduler=args.scheduler, seed=args.seed, correction=cfg.correction,
                               threads=args.threads)
         plot_curves({f"{report['graph']} (K={report['groups']})": curves}, args.curves,
-                    title=f"{args.artifact}: quantized vs FP32, {args.scheduler}-{args.steps}")
+                    title=f"{args.artifact}: quantized vs FP32, {args.scheduler}-{steps}")
         report["error_curves"] = curves
         print(f"wrote {args.curves} (final x_0 RMS vs FP32 {curves['final_rmse']:.4f})")
     if args.json:

@@ -36,6 +36,7 @@ class FidelityConfig:
     threads: int | None = None
     role: str | None = None          # quantized graph to judge (default: the fastest present)
     correction: bool | None = None   # None: the artifact's default
+    guidance: float | None = None    # text-to-image: CFG scale (None: the artifact's default)
 
     def __post_init__(self):
         if self.samples < 2 or self.steps < 1 or self.batch < 1 or self.seed < 0:
@@ -49,6 +50,8 @@ def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: 
     the sampler (whether it applied the ε correction, its self-check on this CPU)."""
     from tqdm import tqdm
 
+    if is_text_to_image(artifact):
+        return _text_sample_set(artifact, role, cfg, seed, desc, progress)
     sampler = Sampler(artifact, role=role, scheduler=cfg.scheduler, threads=cfg.threads,
                       correction=False if role == "fp32" else correction)
     out = []
@@ -56,6 +59,38 @@ def sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: 
         n = min(cfg.batch, cfg.samples - start)
         out.append(sampler.sample(cfg.steps, batch=n, seed=seed + i).images.copy())
     return np.concatenate(out), sampler
+
+
+def is_text_to_image(artifact: Artifact) -> bool:
+    return "text" in artifact.manifest.extra
+
+
+def prompt_classes(n: int) -> tuple[list[str], np.ndarray]:
+    """Text-to-image evaluation: image j is drawn from evaluation prompt j mod 10 (class j mod 10)."""
+    from ..zoo.prompts import eval_prompts
+
+    prompts = eval_prompts()
+    classes = np.arange(n) % len(prompts)
+    return [prompts[c] for c in classes], classes
+
+
+def _text_sample_set(artifact: Artifact, role: str | None, cfg: FidelityConfig, seed: int, desc: str,
+                     progress: bool):
+    """Decoded images of the evaluation prompts under CFG (batch i: seed `seed + i`), and the sampler."""
+    from tqdm import tqdm
+
+    from qexport_runtime.text2image import TextToImage
+
+    if cfg.scheduler != "ddim":
+        raise ValueError("text-to-image artifacts are evaluated with the ddim scheduler")
+    t2i = TextToImage(artifact, threads=cfg.threads, role=role)
+    prompts, _ = prompt_classes(cfg.samples)
+    out = []
+    for i, start in enumerate(tqdm(range(0, cfg.samples, cfg.batch), desc=desc, disable=not progress, leave=False)):
+        n = min(cfg.batch, cfg.samples - start)
+        out.append(t2i.generate(prompts[start:start + n], guidance=cfg.guidance, steps=cfg.steps, batch=n,
+                                seed=seed + i).images.copy())
+    return np.concatenate(out), t2i.sampler
 
 
 @dataclass
@@ -135,6 +170,11 @@ def evaluate(artifact_path, cfg: FidelityConfig = FidelityConfig(), extractor: F
                   **compare(images, reference, extractor), samples=cfg.samples, steps=cfg.steps,
                   scheduler=cfg.scheduler, seed=cfg.seed, seconds=round(time.perf_counter() - t0, 1),
                   config=asdict(cfg))
+    if is_text_to_image(artifact) and reference.labels is not None:
+        _, classes = prompt_classes(cfg.samples)
+        report["prompt_adherence"] = float((extractor.labels(images) == classes).mean())
+        report["prompt_adherence_fp32"] = float((reference.labels == classes).mean())
+        report["guidance"] = cfg.guidance if cfg.guidance is not None else artifact.manifest.extra["text"]["guidance"]
     report["_images"] = images
     return report, reference
 
@@ -143,7 +183,9 @@ METRIC_ROWS = (("fd_to_fp32", "FD to FP32", "{:.4f}"), ("fd_to_fp32_bootstrap_st
                ("seed_floor", "seed floor (FP32 vs FP32)", "{:.3f}"),
                ("fd_to_fp32_pct_floor", "FD to FP32, % of floor", "{:.2f}%"), ("fd_to_real", "FD to real", "{:.3f}"),
                ("fd_fp32_to_real", "FD FP32 to real", "{:.3f}"), ("label_agreement", "label agreement", "{:.2%}"),
-               ("psnr_db", "PSNR vs FP32 (dB)", "{:.2f}"), ("ssim", "SSIM vs FP32", "{:.4f}"))
+               ("psnr_db", "PSNR vs FP32 (dB)", "{:.2f}"), ("ssim", "SSIM vs FP32", "{:.4f}"),
+               ("prompt_adherence", "prompt adherence", "{:.2%}"), ("prompt_adherence_fp32", "prompt adherence FP32",
+                                                                    "{:.2%}"))
 
 
 def format_report(r: dict) -> str:
@@ -153,6 +195,8 @@ def format_report(r: dict) -> str:
              f"  int8 kernels: {r['isa']} ({r['int8_kernel_path']}); self-check: "
              f"{'none (no probes)' if r.get('check') is None else r['check']['verdict']}"]
     for key, label, fmt in METRIC_ROWS:
+        if key.startswith("prompt_adherence") and key not in r:
+            continue
         v = r.get(key)
         lines.append(f"  {label:<26} {'n/a' if v is None else fmt.format(v)}")
     return "\n".join(lines)

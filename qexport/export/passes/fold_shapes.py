@@ -36,8 +36,10 @@ def remove_dead_nodes(graph: onnx.GraphProto) -> int:
 
 
 class FoldShapes:
-    def __init__(self, sample_shape: tuple[int, ...], num_train_timesteps: int = 1000):
+    def __init__(self, sample_shape: tuple[int, ...], num_train_timesteps: int = 1000,
+                 context_shape: tuple[int, int] | None = None):
         self.sample_shape = tuple(sample_shape)
+        self.context_shape = context_shape
         self.t = num_train_timesteps // 2
 
     def _evaluate(self, model: onnx.ModelProto, names: list[str]) -> list[dict[str, np.ndarray]]:
@@ -57,6 +59,8 @@ class FoldShapes:
         for b in PROBE_BATCHES:
             feeds = {"sample": np.zeros((b, *self.sample_shape), np.float32),
                      "timestep": np.array([self.t], np.int64)}
+            if self.context_shape is not None:
+                feeds["encoder_hidden_states"] = np.zeros((b, *self.context_shape), np.float32)
             out.append(dict(zip(names, sess.run(None, feeds))))
         return out
 
