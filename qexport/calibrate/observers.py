@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def collect_statistics(model: torch.nn.Module, source: CalibrationSource, bins: int = 2048,
-                       progress: bool = True) -> ActivationStats:
-    """Run `source`'s trajectories through `model` once, recording ranges and histograms; see module docstring."""
+                       progress: bool = True, half: int | None = None) -> ActivationStats:
+    """Run `source`'s trajectories through `model` once, recording ranges and histograms; see module docstring.
+    Under classifier-free guidance (`model` a GuidedUNet) both CFG halves are recorded, or with `half`
+    only the unconditional (0) or the conditional (1) rows of the same guided trajectories."""
     t_start = time.time()
     order = np.argsort(source.timesteps)            # ascending t
     t_index_of = {int(t): int(i) for i, t in zip(np.argsort(order), source.timesteps)}
@@ -60,7 +62,7 @@ def collect_statistics(model: torch.nn.Module, source: CalibrationSource, bins: 
             h += rebin(prev[2], prev[0], prev[1], lo, hi)
         local[(site, ti)] = (lo, hi, h)
 
-    _run_pass(model, source, update, t_index_of, "calibrate" if progress else None)
+    _run_pass(model, source, update, t_index_of, "calibrate" if progress else None, half)
     names = tuple(sites)
     numel, mn, mx = (np.stack([acc[s][k] for s in names]) for k in range(3))
     lo = np.minimum(mn.min(axis=1), 0.0)
@@ -89,7 +91,8 @@ def rebin(hist: np.ndarray, lo: float, hi: float, new_lo: float, new_hi: float) 
     return np.diff(np.interp(new_edges, edges, cdf, left=0.0, right=cdf[-1]))
 
 
-def _run_pass(model, source: CalibrationSource, update, t_index_of: dict, desc: str | None) -> None:
+def _run_pass(model, source: CalibrationSource, update, t_index_of: dict, desc: str | None,
+              half: int | None = None) -> None:
     state = {"ti": 0, "keep": 0}
     halves = cfg_halves(model)
 
@@ -98,6 +101,8 @@ def _run_pass(model, source: CalibrationSource, update, t_index_of: dict, desc: 
         if k:
             # rows are [halves · batch · heads, ...] (halves = 2 under CFG): keep the first k images of each half
             kept = x.detach().reshape(halves, state["batch"], -1, *x.shape[1:])[:, :k]
+            if half is not None:
+                kept = kept[half:half + 1]
             update(site, state["ti"], kept.reshape(-1, *x.shape[1:]))
         return x
 

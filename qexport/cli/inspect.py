@@ -1,4 +1,5 @@
-"""`qexport inspect MODEL_ID -o DIR`: pictures of how activation ranges move with t, and bimodal sites."""
+"""`qexport inspect MODEL_ID -o DIR`: pictures of how activation ranges move with t, and bimodal sites
+(for a text-to-image model also how the CFG halves' ranges differ, `cfg_halves.json`)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,22 @@ def _run(args: argparse.Namespace) -> int:
             raise QexportError(f"{args.tables} has no stats.npz; pass a folder written by `qexport calibrate`")
         stats = load_stats(Path(args.tables))
     else:
-        _, stats = calibrate(load_model(args.model_id, allow_pickle=args.allow_pickle), calibration_config(args),
-                             progress=sys.stderr.isatty())
+        model = load_model(args.model_id, allow_pickle=args.allow_pickle)
+        if model.conditioned:   # text-to-image: the CFG halves recorded apart, along the same trajectories
+            from ..eval.text_conditioning import cfg_half_statistics, range_difference
+
+            halves = cfg_half_statistics(model, calibration_config(args), progress=sys.stderr.isatty())
+            stats, diff = halves["both"], range_difference(halves["uncond"], halves["cond"], top=0)
+            print("cond/uncond range width ratio per site (CFG halves of the same guided trajectories), most "
+                  "different first:")
+            for d in diff[:15]:
+                print(f"  {d['site']:<70} median {d['ratio_median']:5.2f}  extreme {d['ratio_extreme']:5.2f} "
+                      f"at t={d['t_at_extreme']}")
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+            (Path(args.output) / "cfg_halves.json").write_text(json.dumps(diff, indent=2))
+            print()
+        else:
+            _, stats = calibrate(model, calibration_config(args), progress=sys.stderr.isatty())
     var = variation(stats)
     info = write_report(stats, var, Path(args.output))
     print_variation(var)

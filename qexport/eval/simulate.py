@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..tables.schema import QuantTable
+from ..zoo.guidance import inner_unet
 from ..zoo.taps import install_taps, remove_taps
 
 
@@ -72,7 +73,7 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
     sim = _Sim(table, on_site, quantizers)
     saved, saved_bias = {}, {}
     if weights:
-        for name, m in unet.named_modules():
+        for name, m in inner_unet(unet).named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and name in table.weight_scale:
                 w = m.weight.detach().numpy()
                 s = table.weight_scale[name]
@@ -97,7 +98,7 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
         yield sim
     finally:
         remove_taps(handles)
-        mods = dict(unet.named_modules())
+        mods = dict(inner_unet(unet).named_modules())
         for name, w in saved.items():
             mods[name].weight.data = w
         for name, b in saved_bias.items():
