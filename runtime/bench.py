@@ -84,7 +84,12 @@ def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> fl
 
 def bench(artifacts: list[str], roles: list[str] | None = None, **options) -> dict:
     """Bench `roles` (default: the fastest quantized graph and the FP32 reference) of every artifact;
-    `options` as for `bench_graphs`."""
+    `options` as for `bench_graphs` (text-to-image artifacts: `bench_text_to_image`)."""
+    if any("text" in load_artifact(a, verify=False).manifest.extra for a in artifacts):
+        if len(artifacts) != 1:
+            raise ValueError("bench one text-to-image artifact at a time")
+        options.pop("scheduler", None)
+        return bench_text_to_image(artifacts[0], roles, **options)
     graphs = []
     for a in artifacts:
         art = load_artifact(a)
@@ -148,6 +153,8 @@ def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, bat
 
 
 def table(report: dict) -> str:
+    if report.get("kind") == "text-to-image":
+        return text_table(report)
     mi, st = report["machine"], report["settings"]
     lines = [f"{mi['cpu']} ({mi['arch']}, {mi['cores']} cores), onnxruntime {mi['onnxruntime']}; "
              f"{st['steps']} {st['scheduler']} steps, batch {st['batch']}, threads {st['threads']}; "
@@ -159,5 +166,78 @@ def table(report: dict) -> str:
         sp = f"{r['speedup_vs_fp32']:.2f}" if r["speedup_vs_fp32"] else "-"
         lines.append(f"{r['name']:<34} {r['step_ms_median']:>8.2f} {r['step_ms_p90']:>8.2f} {r['image_ms']:>9.1f} "
                      f"{r['load_ms']:>8.0f} {rss:>8} {r['bytes'] / 1e6:>8.2f} {r['loop_overhead_pct']:>6.1f} {sp:>7} "
+                     f"{'-' if r.get('check') is None else ('ok' if r['check']['ok'] else 'DEVIATES')}")
+    return "\n".join(lines)
+
+
+PROMPT = "a handwritten seven"
+
+
+def bench_text_to_image(artifact: str, roles: list[str] | None = None, steps: int = 25, batch: int = 1,
+                        threads: int | None = None, reps: int = 3, memory: bool = True, strict: bool = False,
+                        trusted: bool = False) -> dict:
+    """Prompt → image, phase by phase: text encoder (tokenizer included, once per prompt), U-Net step
+    (one call on the CFG batch 2·batch), VAE decoder, whole generation; U-Net graphs `roles` (default: the
+    integer graph and FP32) run interleaved generation by generation. Peak RSS: a fresh process per role
+    that loads the pipeline and generates once."""
+    from .text2image import TextToImage
+
+    art = load_artifact(artifact)
+    roles = roles or [next(r for r in ("int", "qdq") if art.manifest.files_with_role(r)), "fp32"]
+    pipes = {r: TextToImage(art, threads=threads, role=r, check=r != "fp32", strict=strict, trusted=trusted)
+             for r in roles}
+    for p in pipes.values():
+        p.generate(PROMPT, steps=2, batch=batch)               # warm-up
+    runs = {r: [] for r in roles}
+    for i in range(reps):
+        for r, p in pipes.items():
+            runs[r].append(p.generate(PROMPT, steps=steps, batch=batch, seed=i).timings)
+    fp32_step = np.median([s for t in runs.get("fp32", []) for s in t["unet_steps"]]) if "fp32" in runs else None
+    results = []
+    for r in roles:
+        ts = runs[r]
+        step = float(np.median([s for t in ts for s in t["unet_steps"]]))
+        path = pipes[r].sampler.graph_path
+        results.append(dict(
+            name=f"{Path(artifact).name}:{r}", role=r, file=str(path), bytes=path.stat().st_size,
+            text_ms=1e3 * float(np.median([t["text"] for t in ts])), unet_step_ms_median=1e3 * step,
+            vae_ms=1e3 * float(np.median([t["vae"] for t in ts])),
+            generate_ms=1e3 * float(np.median([t["total"] for t in ts])),
+            unet_speedup_vs_fp32=float(fp32_step / step) if fp32_step else None,
+            peak_rss_mb=_text_peak(artifact, r, steps, batch, threads) if memory else None,
+            check=pipes[r].check.to_dict() if pipes[r].check else None))
+    return dict(machine=machine_info(), kind="text-to-image",
+                settings=dict(steps=steps, batch=batch, cfg_batch=2 * batch, threads=threads, reps=reps,
+                              prompt=PROMPT, scheduler="ddim", interleaved=True), results=results)
+
+
+def _text_peak(artifact: str, role: str, steps: int, batch: int, threads: int | None) -> float:
+    code = ("import json; from qexport_runtime.bench import _text_peak_child; "
+            f"print(json.dumps(_text_peak_child({artifact!r}, {role!r}, {steps}, {batch}, {threads!r})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _text_peak_child(artifact: str, role: str, steps: int, batch: int, threads: int | None) -> float:
+    from .text2image import TextToImage
+
+    TextToImage(load_artifact(artifact), threads=threads, role=role, check=False).generate(
+        PROMPT, steps=min(steps, 5), batch=batch)
+    return vm_hwm_mb()
+
+
+def text_table(report: dict) -> str:
+    mi, st = report["machine"], report["settings"]
+    lines = [f"{mi['cpu']} ({mi['arch']}, {mi['cores']} cores), onnxruntime {mi['onnxruntime']}; text-to-image, "
+             f"{st['steps']} DDIM steps, batch {st['batch']} (CFG batch {st['cfg_batch']}), threads {st['threads']}; "
+             f"int8 path {mi['isa']}",
+             f"{'U-Net graph':<28} {'text ms':>8} {'step ms':>8} {'VAE ms':>8} {'image ms':>9} {'peak MB':>8} "
+             f"{'x fp32':>7} check"]
+    for r in report["results"]:
+        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
+        sp = f"{r['unet_speedup_vs_fp32']:.2f}" if r["unet_speedup_vs_fp32"] else "-"
+        lines.append(f"{r['name']:<28} {r['text_ms']:>8.2f} {r['unet_step_ms_median']:>8.2f} {r['vae_ms']:>8.2f} "
+                     f"{r['generate_ms']:>9.1f} {rss:>8} {sp:>7} "
                      f"{'-' if r.get('check') is None else ('ok' if r['check']['ok'] else 'DEVIATES')}")
     return "\n".join(lines)

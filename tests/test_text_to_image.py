@@ -137,3 +137,18 @@ def test_shipped_text_model_fidelity_floor(tmp_path):
     assert rep["check"]["ok"]
     assert rep["prompt_adherence_fp32"] >= 0.8
     assert rep["prompt_adherence"] >= rep["prompt_adherence_fp32"] - 0.05
+
+
+def test_bench_reports_each_phase(t2i_artifact, capsys):
+    from qexport_runtime.__main__ import main
+    from qexport_runtime.bench import bench
+
+    r = bench([str(t2i_artifact)], steps=3, threads=1, memory=False)
+    assert r["kind"] == "text-to-image" and r["settings"]["cfg_batch"] == 2
+    by = {x["role"]: x for x in r["results"]}
+    assert set(by) == {"int", "fp32"} and by["int"]["check"]["ok"]
+    for x in by.values():
+        assert x["text_ms"] > 0 and x["unet_step_ms_median"] > 0 and x["vae_ms"] > 0
+        assert x["generate_ms"] > 3 * x["unet_step_ms_median"]
+    assert main(["bench", str(t2i_artifact), "--steps", "2", "--no-memory", "--threads", "1"]) == 0
+    assert "VAE ms" in capsys.readouterr().out
