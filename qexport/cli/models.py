@@ -20,9 +20,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<22} {'role':<12} {'params':>10} {'res':>5} {'bytes':>11}  description")
+    print(f"{'name':<24} {'role':<14} {'params':>10} {'res':>5} {'bytes':>11}  description")
     for r in rows:
-        print(f"{r['name']:<22} {r['role']:<12} {r['params']:>10,} {r['resolution']:>3}px {r['bytes']:>11,}  "
+        print(f"{r['name']:<24} {r['role']:<14} {r['params']:>10,} {r['resolution']:>3}px {r['bytes']:>11,}  "
               f"{r['description']}")
     missing = [m.name for m in SHIPPED if not m.is_present()]
     if missing:

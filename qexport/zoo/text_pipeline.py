@@ -72,6 +72,10 @@ def load_text_parts(folder: Path, allow_pickle: bool = False) -> TextParts:
             raise QexportError(f"{tok_dir} has no {f}; qexport needs a CLIP BPE tokenizer (vocab.json + merges.txt)")
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()      # its per-tensor loading bar and notes are not the user's concern
+    hf_logging.disable_progress_bar()
 
     te_safe = _weights(folder / "text_encoder", "model.safetensors", "pytorch_model.bin", allow_pickle)
     vae_safe = _weights(folder / "vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -79,7 +83,7 @@ def load_text_parts(folder: Path, allow_pickle: bool = False) -> TextParts:
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
         text = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=te_safe)
-        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=vae_safe)
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=vae_safe, low_cpu_mem_usage=False)
     except (ValueError, RuntimeError, OSError, TypeError, KeyError) as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise QexportError(f"cannot load the text encoder / tokenizer / VAE of {folder} ({reason}); copy the "
