@@ -85,3 +85,16 @@ def tiny_text_pipeline_dir(tmp_path_factory) -> Path:
         feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def t2i_artifact(tiny_text_pipeline_dir, tmp_path_factory):
+    """The random text pipeline converted at W8A8 with a small calibration set (shared by the text tests)."""
+    pytest.importorskip("onnxruntime_extensions", reason="the tokenizer graph needs onnxruntime-extensions")
+    from qexport.calibrate.api import CalibrationConfig
+    from qexport.calibrate.sources import SourceConfig
+    from qexport.export.pipeline import ConvertConfig, convert
+
+    cal = CalibrationConfig(source=SourceConfig(samples=64, trajectories=4, steps=8))
+    return convert(str(tiny_text_pipeline_dir), tmp_path_factory.mktemp("t2i") / "w8",
+                   ConvertConfig(bits=8, calibration=cal), progress=False)

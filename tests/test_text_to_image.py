@@ -17,17 +17,6 @@ from .conftest import shipped_or_skip  # noqa: E402
 from .test_runtime_without_torch import run_blocked  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def t2i_artifact(tiny_text_pipeline_dir, tmp_path_factory):
-    from qexport.calibrate.api import CalibrationConfig
-    from qexport.calibrate.sources import SourceConfig
-    from qexport.export.pipeline import ConvertConfig, convert
-
-    cal = CalibrationConfig(source=SourceConfig(samples=64, trajectories=4, steps=8))
-    return convert(str(tiny_text_pipeline_dir), tmp_path_factory.mktemp("t2i") / "w8",
-                   ConvertConfig(bits=8, calibration=cal), progress=False)
-
-
 def test_missing_parts_are_named(tiny_text_pipeline_dir, tmp_path):
     from qexport.zoo.loading import load_model
 

@@ -27,6 +27,9 @@ def _add(p: argparse.ArgumentParser) -> None:
                         "held-out ε error (default), on, off")
     p.add_argument("--rounding", choices=["nearest", "learned"], default=None,
                    help="integer weight rounding (default: learned at --bits 4, nearest at 8)")
+    p.add_argument("--optimum-layout", metavar="DIR", default=None,
+                   help="text-to-image: also write a Hugging Face optimum-onnx view of the artifact (the folder "
+                        "ORTStableDiffusionPipeline.from_pretrained loads, integer U-Net) to DIR")
     p.add_argument("--vae-bits", type=int, choices=[8, 32], default=32,
                    help="text-to-image pipelines: VAE decoder as FP32 (32, default) or static int8 (8)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the correction fit")
@@ -52,9 +55,20 @@ def _run(args: argparse.Namespace) -> int:
                          static_groups=args.static_groups, correction=args.correction, rounding=args.rounding,
                          threads=args.threads, pipeline_graph=args.pipeline_graph, mobile=args.mobile,
                          vae_bits=args.vae_bits)
+    if args.optimum_layout and Path(args.optimum_layout).exists() and any(Path(args.optimum_layout).iterdir()):
+        from ..errors import QexportError
+
+        raise QexportError(f"--optimum-layout folder {args.optimum_layout} is not empty; choose a new folder")
     convert(args.model_id, out, conf, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
             progress=sys.stderr.isatty())
     art = load_artifact(out)
+    if args.optimum_layout:
+        from ..export.optimum_layout import write_optimum_view
+        from ..zoo.loading import resolve_model_folder
+
+        folder, _ = resolve_model_folder(args.model_id)
+        write_optimum_view(out, args.optimum_layout, folder / "tokenizer")
+        print(f"wrote the optimum-onnx view {args.optimum_layout} (ORTStableDiffusionPipeline.from_pretrained)")
     m = art.manifest
     fp32 = next(e.bytes for e in m.files.values() if e.role == "fp32")
     print(f"\nwrote {out}: W{m.bits['weights']}A{m.bits['activations']}, {m.groups} time-step groups, method {m.method}, "

@@ -12,7 +12,6 @@ the VAE scaling factor, the image shape and the CFG probes' prompts.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
