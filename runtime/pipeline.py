@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from .artifact import Artifact, ArtifactError
 from .sampler import initial_noise
-from .session import session_options
+from .session import extensions_library, session_options
 
 
 @dataclass
@@ -25,15 +25,6 @@ class Generated:
     images: np.ndarray          # uint8 [B, H, W, C]
     png: bytes | None
     seconds: float
-
-
-def extensions_library() -> str:
-    try:
-        from onnxruntime_extensions import get_library_path
-    except ImportError:
-        raise ArtifactError("the PNG pipeline graph needs onnxruntime-extensions; pip install "
-                            "onnxruntime-extensions, or use the pipeline graph without PNG") from None
-    return get_library_path()
 
 
 class PipelineSession:
@@ -46,7 +37,8 @@ class PipelineSession:
         self.artifact, self.path, self.png = artifact, artifact.path / names[0], png
         so = session_options(threads)
         if png:
-            so.register_custom_ops_library(extensions_library())
+            so.register_custom_ops_library(extensions_library("the PNG pipeline graph",
+                                                              ", or use the pipeline graph without PNG"))
         t0 = time.perf_counter()
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])

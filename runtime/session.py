@@ -35,6 +35,16 @@ def session_options(threads: int | None = None, emulate: bool = False) -> ort.Se
     return so
 
 
+def extensions_library(purpose: str, alternative: str = "") -> str:
+    """Path of onnxruntime-extensions' custom-op library, or a one-line error saying what needs it."""
+    try:
+        from onnxruntime_extensions import get_library_path
+    except ImportError:
+        raise ArtifactError(f"{purpose} needs onnxruntime-extensions, which is not installed; pip install "
+                            f"onnxruntime-extensions{alternative}") from None
+    return get_library_path()
+
+
 class UNetSession:
     def __init__(self, path: str | Path, threads: int | None = None,
                  providers: list[str] | None = None, emulate: bool = False, num_train_timesteps: int | None = None,

@@ -2,7 +2,8 @@
 
 `TextToImage(artifact, threads=None, role=None)` loads the artifact's tokenizer graph
 (onnxruntime-extensions), text encoder, U-Net graph (via `Sampler`, so the golden-probe self-check
-runs as for any artifact) and VAE decoder. `generate(prompt, negative_prompt="", guidance=None,
+runs as for any artifact) and VAE decoder (with `role="fp32"`, the FP32 one when the artifact's
+default VAE decoder is int8: the whole FP32 reference pipeline). `generate(prompt, negative_prompt="", guidance=None,
 steps=25, batch=1, seed=0)` embeds the prompt once, runs classifier-free guidance as one CFG-batch
 U-Net call per step and decodes: `Generation(images [B, C, H, W] in [-1, 1], latents, timings)`.
 Needs numpy, onnxruntime and onnxruntime-extensions only.
@@ -70,7 +71,9 @@ class TextToImage:
         m = artifact.manifest
         self.tokenizer = PromptTokenizer(artifact.path / m.files_with_role("tokenizer")[0])
         self.text_encoder = _session(artifact.path / m.files_with_role("text-encoder")[0], threads)
-        self.vae = _session(artifact.path / m.files_with_role("vae-decoder")[0], threads)
+        # the FP32 reference pipeline decodes with the FP32 VAE when the artifact's default one is int8
+        vae_role = "vae-decoder-fp32" if role == "fp32" and m.files_with_role("vae-decoder-fp32") else "vae-decoder"
+        self.vae = _session(artifact.path / m.files_with_role(vae_role)[0], threads)
         self.sampler = Sampler(artifact, role=role, threads=threads, correction=False, check=check, strict=strict,
                                trusted=trusted)
 

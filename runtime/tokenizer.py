@@ -9,19 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import ArtifactError
-from .session import session_options
+from .session import extensions_library, session_options
 
-INSTALL_HINT = "pip install onnxruntime-extensions"
-
-
-def extensions_library() -> str:
-    """Path of onnxruntime-extensions' custom-op library (its CLIPTokenizer and string ops)."""
-    try:
-        import onnxruntime_extensions
-    except ImportError:
-        raise ArtifactError(f"the tokenizer graph needs onnxruntime-extensions, which is not installed; "
-                            f"{INSTALL_HINT}") from None
-    return onnxruntime_extensions.get_library_path()
 
 
 class PromptTokenizer:
@@ -34,7 +23,7 @@ class PromptTokenizer:
     def __init__(self, path: str | Path, threads: int | None = 1):
         self.path = Path(path)
         so = session_options(threads)
-        so.register_custom_ops_library(extensions_library())
+        so.register_custom_ops_library(extensions_library("the tokenizer graph"))
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own error types: missing, corrupt, unknown op …
