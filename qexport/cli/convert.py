@@ -30,8 +30,9 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimum-layout", metavar="DIR", default=None,
                    help="text-to-image: also write a Hugging Face optimum-onnx view of the artifact (the folder "
                         "ORTStableDiffusionPipeline.from_pretrained loads, integer U-Net) to DIR")
-    p.add_argument("--vae-bits", type=int, choices=[8, 32], default=32,
-                   help="text-to-image pipelines: VAE decoder as FP32 (32, default) or static int8 (8)")
+    p.add_argument("--vae-bits", type=int, choices=[8, 32], default=8,
+                   help="text-to-image pipelines: VAE decoder as static int8 (8, default; the FP32 one is kept "
+                        "as the reference) or FP32 (32)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the correction fit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_calibration_arguments(p)

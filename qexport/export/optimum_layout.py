@@ -16,7 +16,8 @@ read from optimum-onnx 0.1.0 with diffusers 0.39) runs:
     text_encoder/model.onnx     text_encoder.onnx as it is (input_ids int64 [B, L] → last_hidden_state,
                                 pooler_output: optimum's names already)
     text_encoder/config.json    hidden_size, max_position_embeddings, num_hidden_layers 0
-    vae_decoder/model.onnx      vae_decoder.onnx as it is (latent_sample → sample: optimum's names already)
+    vae_decoder/model.onnx      vae_decoder.onnx as it is (latent_sample → sample: optimum's names already;
+                                vae_decoder_fp32.onnx for the FP32 U-Net view when the default VAE is int8)
     vae_decoder/config.json     scaling_factor, latent_channels, out_channels, sample_size, block_out_channels
     tokenizer/                  vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
                                 (+ tokenizer.json / added_tokens.json when present), copied
@@ -313,7 +314,10 @@ def write_optimum_view(artifact_dir, out_dir, tokenizer_dir, unet_role: str = "i
         raise _fail(f"{out_dir} exists and is not an empty folder; pass a new folder for the optimum view")
     art, info = _load_artifact(artifact_dir)
     unet_src = _graph_file(art, unet_role)
-    text_src, vae_src = _role_file(art, "text-encoder"), _role_file(art, "vae-decoder")
+    # as the runtime's FP32 reference pipeline: the FP32 U-Net decodes with the FP32 VAE when there is one
+    vae_role = "vae-decoder-fp32" if unet_role == "fp32" and art.manifest.files_with_role("vae-decoder-fp32") \
+        else "vae-decoder"
+    text_src, vae_src = _role_file(art, "text-encoder"), _role_file(art, vae_role)
     tok_cfg = _read_tokenizer(tokenizer_dir, art)
     scheduler = _scheduler_config(art)
     m = art.manifest

@@ -154,7 +154,8 @@ class ConvertConfig:
     threads: int | None = None            # onnxruntime threads for the correction fit and probes
     pipeline_graph: bool = False
     mobile: str | None = None
-    vae_bits: int = 32                    # text-to-image: VAE decoder FP32 (32) or static int8 (8)
+    vae_bits: int = 8                     # text-to-image: VAE decoder static int8 (8; measured: FD and prompt
+                                          # adherence unchanged, −0.7 dB, ×1.1–1.6 faster) or FP32 (32)
 
     def check(self) -> None:
         from ..errors import QexportError

@@ -4,8 +4,9 @@ A text-to-image artifact holds, beside the U-Net graphs (which take `encoder_hid
   - `tokenizer.onnx` (role `tokenizer`): prompt strings → CLIP token ids, onnxruntime-extensions'
     `CLIPTokenizer` op with the pipeline's own vocabulary (qexport.export.tokenizer_graph);
   - `text_encoder.onnx` (role `text-encoder`, FP32): token ids → the U-Net's text embeddings;
-  - `vae_decoder.onnx` (role `vae-decoder`): latents / scaling_factor → images in [-1, 1], FP32 or
-    static int8 (`vae_bits`), chosen by measurement (qexport.export.text_parts);
+  - `vae_decoder.onnx` (role `vae-decoder`): latents / scaling_factor → images in [-1, 1], static
+    int8 by default (`vae_bits`; the FP32 decoder stays as `vae_decoder_fp32.onnx`, role
+    `vae-decoder-fp32`, the FP32 reference pipeline's), chosen by measurement (qexport.export.text_parts);
 and `manifest.extra["text"]` says how to run them: token count, hidden size, default guidance,
 the VAE scaling factor, the image shape and the CFG probes' prompts.
 """
@@ -44,7 +45,7 @@ def calibration_latents(model: LoadedModel, n: int = 64, steps: int = 25, seed: 
     return (z / model.text.scaling_factor).astype(np.float32)
 
 
-def write_text_roles(model: LoadedModel, w: ArtifactWriter, vae_bits: int = 32) -> dict:
+def write_text_roles(model: LoadedModel, w: ArtifactWriter, vae_bits: int = 8) -> dict:
     """Write the three text-to-image graphs into the artifact; return `manifest.extra["text"]`."""
     from .text_parts import export_text_encoder, export_vae_decoder, quantize_vae_decoder_static
     from .tokenizer_graph import build_tokenizer_graph
