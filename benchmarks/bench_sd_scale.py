@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sd_scale.py [--threads 2] [--reps 7] [--samples 32 --trajectories 4 --steps 8]
     python benchmarks/bench_sd_scale.py --small --threads 1 --results /tmp/sd-small   # quick end-to-end check
+    python benchmarks/bench_sd_scale.py --workdir W ...; later: --workdir W --retime   # re-time W's artifact only
 
 Builds, in a temporary folder, a Stable-Diffusion-layout pipeline from random weights: a U-Net with
 nota-ai/bk-sdm-tiny's `UNet2DConditionModel` config at 32x32 latents (SD-v1.4's U-Net without its
@@ -249,9 +250,14 @@ def markdown(r: dict) -> str:
               r["artifact"]["external_data_note"], ""]
     if r.get("latency"):
         lat = r["latency"]
+        busy = ("" if max(lat.get("load_avg_1min_before_after", [0])) <= r["threads"] + 0.5 else
+                f" (more than the {r['threads']} threads used: other processes competed, so absolute times are "
+                "inflated; the interleaved ratio much less so)")
         L += [f"## U-Net step latency, B=2 (CFG batch), threads={r['threads']}",
               "", f"Median of {lat['fp32']['runs']} runs after one warm-up, graphs interleaved call by call; "
-              "peak RSS of a fresh process that loads the graph and runs it 3 times.", "",
+              "peak RSS of a fresh process that loads the graph and runs it 3 times. Measured "
+              f"{lat.get('measured_at_utc', '?')} UTC, 1-min load average before/after "
+              f"{lat.get('load_avg_1min_before_after', '?')} on {m['cores']} cores{busy}.", "",
               "| graph | ms/step (median) | min–max | vs FP32 | peak RSS | load | rel. RMS vs FP32 | probe check |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]
         for g in r["graphs"]:
@@ -279,7 +285,18 @@ def main() -> None:
     ap.add_argument("--no-calibrate", action="store_true", help="skip the calibration-only process")
     ap.add_argument("--workdir", default=None, help="keep the pipeline and artifact here (default: a temp folder)")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--retime", action="store_true",
+                    help="only re-time the artifact in --workdir and update the results file's latency figures")
     a = ap.parse_args()
+    if a.retime:
+        if not a.workdir:
+            ap.error("--retime needs the --workdir of an earlier run")
+        out = Path(a.results)
+        r = json.loads((out / "sd_scale.json").read_text())
+        r["threads"] = a.threads
+        time_graphs(r, Path(a.workdir) / "artifact", a)
+        write(r, out)
+        return
 
     import torch
 
@@ -342,25 +359,39 @@ def main() -> None:
         r["artifact"] = dict(files=files, total_bytes=sum(e["bytes"] for e in files.values()),
                              external_data_used=uses, external_data_needed=need, external_data_note=note)
         print(note, flush=True)
-        graphs = ["int", "fp32"] + ([] if a.no_qdq else ["qdq"])
-        r["graphs"] = graphs
-        print("timing U-Net steps at B=2 …", flush=True)
-        r["latency"] = bench_latency(art, graphs, a.threads, a.reps)
-        gc.collect()
-        print("peak RSS per graph …", flush=True)
-        r["graph_peak_rss"] = {g: graph_peak(art / f"unet_{g}.onnx", a.threads) for g in graphs}
-        for g in graphs:
-            print(f"  {g}: {r['latency'][g]['ms_median']:.1f} ms/step, "
-                  f"peak {fmt_mb(r['graph_peak_rss'][g]['peak_rss_mb'])}", flush=True)
-        print(f"  int / fp32 = {r['latency']['int_over_fp32']:.3f}", flush=True)
+        time_graphs(r, art, a)
 
-    out = Path(a.results)
+    write(r, Path(a.results))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def time_graphs(r: dict, art: Path, a) -> None:
+    """Latency and per-graph peak RSS of the artifact's U-Net graphs into `r`, with the machine's load
+    average around the timing (other processes on the machine slow every graph, interleaving keeps
+    the ratio fair but not the absolute times)."""
+    graphs = ["int", "fp32"] + ([] if a.no_qdq else ["qdq"])
+    r["graphs"] = graphs
+    print("timing U-Net steps at B=2 …", flush=True)
+    before = os.getloadavg()
+    r["latency"] = bench_latency(art, graphs, a.threads, a.reps)
+    r["latency"]["load_avg_1min_before_after"] = [round(before[0], 2), round(os.getloadavg()[0], 2)]
+    r["latency"]["measured_at_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    gc.collect()
+    print("peak RSS per graph …", flush=True)
+    r["graph_peak_rss"] = {g: graph_peak(art / f"unet_{g}.onnx", a.threads) for g in graphs}
+    for g in graphs:
+        print(f"  {g}: {r['latency'][g]['ms_median']:.1f} ms/step, "
+              f"peak {fmt_mb(r['graph_peak_rss'][g]['peak_rss_mb'])}", flush=True)
+    print(f"  int / fp32 = {r['latency']['int_over_fp32']:.3f}; load average {r['latency']['load_avg_1min_before_after']}",
+          flush=True)
+
+
+def write(r: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sd_scale.json").write_text(json.dumps(r, indent=2))
     (out / "sd_scale.md").write_text(markdown(r))
     print(f"wrote {out / 'sd_scale.json'} and {out / 'sd_scale.md'}")
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":
