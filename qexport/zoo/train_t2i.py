@@ -31,6 +31,7 @@ from . import bpe, prompts
 from .architectures import (T2I_MAX_TOKENS, T2I_RESOLUTION, t2i_scheduler_config, t2i_text_config,
                             t2i_unet_config, t2i_vae_config)
 from .data import load_digits
+from .train import _save_checkpoint
 
 log = logging.getLogger(__name__)
 CFG_DROP = 0.1
@@ -39,13 +40,6 @@ BPE_MERGES = 200
 
 def _ckpt(out: Path, stage: str) -> Path:
     return out.parent / ".checkpoints" / f"{out.name}-{stage}.pt"
-
-
-def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -80,7 +74,7 @@ def _run(stage: str, out: Path, steps: int, modules: dict, opt, step_fn, ckpt_ev
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if step % ckpt_every == 0 or step == steps:
-            _save(path, dict(**{k: m.state_dict() for k, m in modules.items()}, opt=opt.state_dict(),
+            _save_checkpoint(path, dict(**{k: m.state_dict() for k, m in modules.items()}, opt=opt.state_dict(),
                              gen=gen.get_state(), step=step, losses=losses, seconds=time.time() - t0))
     bar.close()
     return dict(steps=steps, seconds=round(time.time() - t0, 1), final_loss_mean100=float(np.mean(losses[-100:])),
