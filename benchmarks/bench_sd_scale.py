@@ -107,6 +107,7 @@ def run_measured(cmd: list[str], log: Path, threads: int) -> dict:
     """Run `cmd` as a child process; its wall time and peak RSS (ru_maxrss from wait4: the child's own
     high-water mark, not this process's)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -115,7 +116,8 @@ def run_measured(cmd: list[str], log: Path, threads: int) -> dict:
     wall = time.perf_counter() - t0
     r = dict(cmd=" ".join(cmd[1:] if cmd[0] == sys.executable else cmd), returncode=p.returncode,
              wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-             cpu_s=round(usage.ru_utime + usage.ru_stime, 1))
+             cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+             load_avg_1min_before_after=[round(load0, 2), round(os.getloadavg()[0], 2)])
     if p.returncode != 0:
         r["error_tail"] = log.read_text(errors="replace").strip().splitlines()[-25:]
     return r
@@ -227,11 +229,14 @@ def markdown(r: dict) -> str:
          f"{p['unet_gflop_per_sample']:.1f} GFLOP per sample at {r['latent']} latents.  ",
          f"Text encoder: random CLIPTextModel, 2 layers, width {r['text_width']}, 77 positions "
          f"({p['text_encoder']:,} parameters). VAE: random AutoencoderKL (32, 64, 64, 64), 4 latent channels, "
-         f"{r['image']} images ({p['vae']:,} parameters). Scheduler: DDIM, SD's schedule.", "",
+         f"{r['image']} images ({p['vae']:,} parameters); artifact VAE decoder "
+         f"{ {8: 'static int8', 32: 'FP32'}.get(r.get('vae_bits'), '?') } (`--vae-bits {r.get('vae_bits', '?')}`). "
+         "Scheduler: DDIM, SD's schedule.", "",
          f"Calibration set: --samples {cal['samples']}{used} from {cal['trajectories']} CFG-guided trajectories "
          f"of {cal['steps']} DDIM steps (strategy uniform, method mse), W8A8 — reduced from the defaults "
          f"(1024 / 32 / 50).", "",
          "## Conversion (each a separate process; peak RSS = that process's ru_maxrss)", "",
+         "Wall time depends on what else runs on the machine; CPU is the process's user + system seconds.", "",
          "| process | wall | CPU | peak RSS | result |", "|---|---:|---:|---:|---|"]
     for name, e in c.items():
         ok = "ok" if e["returncode"] == 0 else f"**failed (rc {e['returncode']})**"
@@ -267,6 +272,8 @@ def markdown(r: dict) -> str:
                      f"{e['load_ms'] / 1e3:.1f} s | {e['rel_rms_vs_fp32']:.3g} | {e.get('probe_check') or ''} |")
         L += ["", f"int / FP32 time ratio: **{lat['int_over_fp32']:.2f}** "
                   f"(FP32 / int = {lat['fp32_over_int_speedup']:.2f}x).", ""]
+    if r.get("notes"):
+        L += ["## Notes", ""] + [f"- {x}" for x in r["notes"]] + [""]
     if r.get("problems"):
         L += ["## Problems", ""] + [f"- {x}" for x in r["problems"]] + [""]
     return "\n".join(L)
@@ -281,6 +288,9 @@ def main() -> None:
     ap.add_argument("--trajectories", type=int, default=4,
                     help="trajectories per batch; at most this many samples per step are kept")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--vae-bits", type=int, choices=[8, 32], default=None,
+                    help="convert's --vae-bits (default: qexport's default). At this scale the int8 decoder's "
+                         "calibration (64 guided FP32 trajectories of 25 steps, one batch) dominates convert time")
     ap.add_argument("--no-qdq", action="store_true", help="time only the int and FP32 graphs")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the calibration-only process")
     ap.add_argument("--workdir", default=None, help="keep the pipeline and artifact here (default: a temp folder)")
@@ -333,7 +343,8 @@ def main() -> None:
         steps.append(("calibrate", QEXPORT + ["calibrate", str(folder), "-o", str(tables), "--overwrite", *cal_args],
                       work / "calibrate.log"))
     steps.append(("convert", QEXPORT + ["convert", str(folder), "-o", str(art), "--bits", "8", "--overwrite",
-                                        "--threads", str(a.threads), *cal_args], work / "convert.log"))
+                                        "--threads", str(a.threads), *cal_args,
+                                        *(["--vae-bits", str(a.vae_bits)] if a.vae_bits else [])], work / "convert.log"))
     for name, cmd, log in steps:
         print(f"running {name} …", flush=True)
         e = r["processes"][name] = run_measured(cmd, log, a.threads)
@@ -356,6 +367,7 @@ def main() -> None:
                 f"{onnx_files[biggest]['bytes'] / 2 ** 30:.2f} GiB of the 2 GiB protobuf limit).")
         tj = json.loads((art / "tables.json").read_text()).get("calibration", {})
         r["calibration"]["samples_used"] = tj.get("samples")
+        r["vae_bits"] = json.loads((art / "manifest.json").read_text())["extra"]["text"]["vae_bits"]
         r["artifact"] = dict(files=files, total_bytes=sum(e["bytes"] for e in files.values()),
                              external_data_used=uses, external_data_needed=need, external_data_note=note)
         print(note, flush=True)
