@@ -66,12 +66,16 @@ def vm_hwm_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def fresh_process_peak(graph: Path, shape: tuple, steps: int, threads: int | None) -> float:
-    code = ("import sys, json; from qexport_runtime.bench import _peak_child; "
-            f"print(json.dumps(_peak_child({str(graph)!r}, {tuple(shape)!r}, {steps}, {threads!r})))")
+def _in_fresh_process(call: str) -> float:
+    """Run `qexport_runtime.bench.<call>` (which returns a float) in a new Python process."""
+    code = f"import json; from qexport_runtime import bench; print(json.dumps(bench.{call}))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def fresh_process_peak(graph: Path, shape: tuple, steps: int, threads: int | None) -> float:
+    return _in_fresh_process(f"_peak_child({str(graph)!r}, {tuple(shape)!r}, {steps}, {threads!r})")
 
 
 def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> float:
@@ -212,11 +216,7 @@ def bench_text_to_image(artifact: str, roles: list[str] | None = None, steps: in
 
 
 def _text_peak(artifact: str, role: str, steps: int, batch: int, threads: int | None) -> float:
-    code = ("import json; from qexport_runtime.bench import _text_peak_child; "
-            f"print(json.dumps(_text_peak_child({artifact!r}, {role!r}, {steps}, {batch}, {threads!r})))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+    return _in_fresh_process(f"_text_peak_child({artifact!r}, {role!r}, {steps}, {batch}, {threads!r})")
 
 
 def _text_peak_child(artifact: str, role: str, steps: int, batch: int, threads: int | None) -> float:
