@@ -44,7 +44,10 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
     cal = CalibrationConfig(source=src)
 
     def build(tag: str, **kw) -> Path:  # the ε correction changes no graph: not fitted here
-        return convert(model_id, workdir / f"{name}-{tag}", correction="off", progress=False, **kw)
+        out = workdir / f"{name}-{tag}"
+        if (out / "manifest.json").exists():   # --workdir: an artifact built by an earlier run
+            return out
+        return convert(model_id, out, correction="off", progress=False, **kw)
 
     a_ours = load_artifact(build("ours", groups=args.groups, calibration=cal))
     a_static = load_artifact(build("static", method="static", calibration=cal))
@@ -61,6 +64,10 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
               "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int"),
               "time_quantized_int": a_tq.graph("int")}
     sessions = {k: UNetSession(p, threads=args.threads) for k, p in graphs.items()}
+    # onnxruntime's own default level (ALL) adds NCHWc float convolutions on x86: the FP32 graph a user
+    # runs with a plain InferenceSession, often faster than at the runtime's EXTENDED level
+    graphs["fp32_ort_default"] = graphs["fp32"]
+    sessions["fp32_ort_default"] = UNetSession(graphs["fp32"], threads=args.threads, optimization="all")
     model = load_model(model_id)
     torch.set_num_threads(args.threads)
     unet = model.unet
@@ -78,33 +85,38 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
         fns["torch_eager"] = eager
         times = interleaved(fns, args.reps if batch == 1 else max(5, args.reps // 2))
         med = {k: float(np.median(v)) for k, v in times.items()}
+        best_fp32 = min(med["fp32"], med["fp32_ort_default"])
         for k, v in times.items():
             path = graphs.get(k)
             row = dict(model=name, batch=batch, graph=k, step_ms_median=med[k] * 1e3,
                        step_ms_p90=float(np.percentile(v, 90)) * 1e3,
-                       speedup_vs_fp32=med["fp32"] / med[k], ratio_vs_static_qdq=med["static_qdq"] / med[k],
+                       speedup_vs_fp32=med["fp32"] / med[k], speedup_vs_best_fp32=best_fp32 / med[k],
+                       ratio_vs_static_qdq=med["static_qdq"] / med[k],
                        bytes=path.stat().st_size if path else None,
                        gops=ops * batch / med[k] / 1e9)
             if path is not None:
-                row.update(peak_rss(path, x.shape, args.threads))
+                row.update(peak_rss(path, x.shape, args.threads,
+                                    optimization="all" if k == "fp32_ort_default" else "extended"))
             rows.append(row)
     threads = {}
     for n_threads in args.threads_sweep:   # scaling per graph, interleaved per thread count
-        ts = {k: UNetSession(graphs[k], threads=n_threads) for k in ("fp32", "static_qdq", "ours_int")}
+        ts = {k: UNetSession(graphs[k], threads=n_threads, optimization="all" if k == "fp32_ort_default" else "extended")
+              for k in ("fp32", "fp32_ort_default", "static_qdq", "ours_int")}
         for batch in (1, 8):
             x = np.random.default_rng(0).standard_normal((batch, *model.sample_shape)).astype(np.float32)
             t = interleaved({k: (lambda s=s: s(x, 500)) for k, s in ts.items()}, max(5, args.reps // 2))
             for k, v in t.items():
                 threads.setdefault(k, {}).setdefault(str(batch), {})[str(n_threads)] = float(np.median(v)) * 1e3
-    profile = {f"{k}_b{b}": op_breakdown(graphs[k], (b, *model.sample_shape), args.threads)
-               for k in ("fp32", "ours_int", "static_qdq") for b in (1, 8)}
+    profile = {f"{k}_b{b}": op_breakdown(graphs[k], (b, *model.sample_shape), args.threads,
+                                         optimization="all" if k == "fp32_ort_default" else "extended")
+               for k in ("fp32", "fp32_ort_default", "ours_int", "static_qdq") for b in (1, 8)}
     return dict(ops_per_sample=ops, rows=rows, threads=threads, profile=profile,
                 bytes=dict(fp32=graphs["fp32"].stat().st_size,
                                                           int=graphs["ours_int"].stat().st_size,
                                                           qdq=graphs["ours_qdq"].stat().st_size))
 
 
-def op_breakdown(path: Path, shape: tuple, threads: int, runs: int = 20) -> dict[str, float]:
+def op_breakdown(path: Path, shape: tuple, threads: int, runs: int = 20, optimization: str = "extended") -> dict[str, float]:
     """Share of kernel time per operator type (onnxruntime profiling, the runtime's session options)."""
     import collections
     import os
@@ -114,7 +126,7 @@ def op_breakdown(path: Path, shape: tuple, threads: int, runs: int = 20) -> dict
     from qexport_runtime.session import session_options
 
     with tempfile.TemporaryDirectory() as tmp:
-        so = session_options(threads)
+        so = session_options(threads, optimization=optimization)
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "p")
         s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -166,20 +178,22 @@ def markdown(result: dict) -> str:
              "x86 without VNNI); `first_last_int8_int` saturation-safe with conv_in/conv_out quantized; "
              "`time_quantized_int` the default with the time MLP and time_emb_proj quantized (before the "
              "time-branch change); `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
-             "Operations are 2 × MAC (torch.utils.flop_counter's count).", "",
+             "Operations are 2 × MAC (torch.utils.flop_counter's count). `fp32` runs at the runtime's EXTENDED level, "
+             "`fp32_ort_default` the same graph at onnxruntime's default level ALL (NCHWc float convolutions on x86); "
+             "× FP32 ORT is against `fp32`, × best FP32 against the faster of the two.", "",
              f"GEMM peak through onnxruntime: int8 {peak['int8_gops']:.0f} GOP/s, fp32 {peak['fp32_gops']:.0f} GFLOP/s.",
              ""]
     for name, m in result["models"].items():
         lines += [f"## {name} ({m['ops_per_sample'] / 1e9:.3f} GOP per sample per step)", "",
-                  "| B | graph | ms/step (median) | p90 | × FP32 ORT | × static QDQ | achieved GOP/s | % of peak | peak RSS MB | bytes |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| B | graph | ms/step (median) | p90 | × FP32 ORT | × best FP32 | × static QDQ | achieved GOP/s | % of peak | peak RSS MB | bytes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            is_int = r["graph"] not in ("fp32", "torch_eager")
+            is_int = r["graph"] not in ("fp32", "fp32_ort_default", "torch_eager")
             frac = r["gops"] / (peak["int8_gops"] if is_int else peak["fp32_gops"]) * 100
             rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "–"
             size = f"{r['bytes']:,}" if r["bytes"] else "–"
             lines.append(f"| {r['batch']} | {r['graph']} | {r['step_ms_median']:.2f} | {r['step_ms_p90']:.2f} | "
-                         f"{r['speedup_vs_fp32']:.2f} | {r['ratio_vs_static_qdq']:.2f} | {r['gops']:.1f} | "
+                         f"{r['speedup_vs_fp32']:.2f} | {r['speedup_vs_best_fp32']:.2f} | {r['ratio_vs_static_qdq']:.2f} | {r['gops']:.1f} | "
                          f"{frac:.0f}% | {rss} | {size} |")
         b = m["bytes"]
         lines += ["", f"Bytes: int graph {b['int'] / b['fp32']:.3f}× FP32, QDQ graph {b['qdq'] / b['fp32']:.3f}× FP32.", ""]
@@ -196,7 +210,7 @@ def markdown(result: dict) -> str:
                     lines.append(f"| {g} | {bb} | " + " | ".join(cells) + " |")
             lines.append("")
         if m.get("profile"):
-            lines += ["Operator time shares (onnxruntime profiling; `export_profile.png`):", "",
+            lines += [f"Operator time shares (onnxruntime profiling; `export_profile{result.get('tag', '')}.png`):", "",
                       "| graph, batch | top operators |", "|---|---|"]
             for k, prof in m["profile"].items():
                 top = ", ".join(f"{o} {100 * v:.0f}%" for o, v in list(prof.items())[:8])
@@ -219,18 +233,23 @@ def main() -> None:
                         "oversubscribe)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qexport-bench")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix of the result files (export_bench<TAG>.json/.md), e.g. _avx2")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the converted artifacts here and reuse them on the next run (default: a temp dir)")
     args = p.parse_args()
-    result = dict(machine=machine_info(), threads=args.threads, gemm_peak=gemm_peak(args.threads), models={})
+    result = dict(tag=args.tag, machine=machine_info(), threads=args.threads, gemm_peak=gemm_peak(args.threads), models={})
     with tempfile.TemporaryDirectory() as tmp:
+        if args.workdir:
+            args.workdir.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             model_id = "digits16-ddpm" if name == "shipped" else str(build_cifar_config_unet(args.cache / "ddpm-cifar10-config"))
-            result["models"][name] = bench_model(name, model_id, Path(tmp), args)
+            result["models"][name] = bench_model(name, model_id, args.workdir or Path(tmp), args)
             print(f"done {name}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export_bench.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"export_bench{args.tag}.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
-    (args.out / "export_bench.md").write_text(md)
-    plot_profile(result, args.out / "export_profile.png")
+    (args.out / f"export_bench{args.tag}.md").write_text(md)
+    plot_profile(result, args.out / f"export_profile{args.tag}.png")
     print(md)
 
 

@@ -43,7 +43,7 @@ from qexport_runtime.session import UNetSession
 def hwm():  # VmHWM: this process's high-water mark (reset by exec, unlike ru_maxrss)
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 base = hwm()
-s = UNetSession({path!r}, threads={threads})
+s = UNetSession({path!r}, threads={threads}, optimization={optimization!r})
 x = np.random.default_rng(0).standard_normal({shape!r}).astype(np.float32)
 for _ in range(3):
     s(x, 500)
@@ -52,8 +52,9 @@ print(json.dumps(dict(peak_rss_mb=peak, baseline_mb=base, delta_mb=peak - base))
 """
 
 
-def peak_rss(path: str, shape: tuple, threads: int) -> dict:
+def peak_rss(path: str, shape: tuple, threads: int, optimization: str = "extended") -> dict:
     """High-water mark of a fresh process that loads the graph and runs it 3 times."""
-    code = _RSS_CODE.format(paths=sys.path, path=str(path), threads=threads, shape=tuple(shape))
+    code = _RSS_CODE.format(paths=sys.path, path=str(path), threads=threads, shape=tuple(shape),
+                            optimization=optimization)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -19,17 +19,27 @@ import onnxruntime as ort
 from .artifact import ArtifactError
 
 
-def session_options(threads: int | None = None, emulate: bool = False) -> ort.SessionOptions:
+OPTIMIZATION_LEVELS = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def session_options(threads: int | None = None, emulate: bool = False, optimization: str = "extended") -> ort.SessionOptions:
     """`emulate`: every graph optimization off, so a QDQ graph runs as float math on dequantized values
-    (the same on every CPU: the reference the integer kernels are checked against)."""
+    (the same on every CPU: the reference the integer kernels are checked against). `optimization`:
+    "extended" (the runtime's level) or "all" (onnxruntime's own default, which adds the channels-blocked
+    NCHWc float-convolution layout on x86: faster for an FP32 graph on AVX2, at more memory)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    # EXTENDED, not ALL: ALL's channels-last rewrite adds ~100 Transposes to a U-Net for no gain
-    # (measured 2-4% slower); spinning threads cost 1.8x on a shared 2-core board.
+    # EXTENDED by default: for the integer graphs ALL's layout rewrites add ~100 Transposes for no gain
+    # (measured 2-4% slower, AVX2 within noise); for an FP32 graph on x86 ALL's NCHWc convolutions are
+    # faster (AVX2 Zen 3: ×1.10-1.19) at ×1.7 its peak RSS, so FP32 comparisons are made against both
+    # (benchmarks/bench_export.py). Spinning threads cost 1.8x on a shared 2-core board.
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization level {optimization!r} is not one of {sorted(OPTIMIZATION_LEVELS)}")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if emulate \
-        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        else OPTIMIZATION_LEVELS[optimization]
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: ORT's optimizer notes are not the user's concern
     return so
@@ -48,7 +58,7 @@ def extensions_library(purpose: str, alternative: str = "") -> str:
 class UNetSession:
     def __init__(self, path: str | Path, threads: int | None = None,
                  providers: list[str] | None = None, emulate: bool = False, num_train_timesteps: int | None = None,
-                 trusted: bool = False):
+                 trusted: bool = False, optimization: str = "extended"):
         t0 = time.perf_counter()
         self.path = Path(path)
         if self.path.suffix == ".ort" and not trusted:
@@ -56,7 +66,7 @@ class UNetSession:
                                 f"onnxruntime would apply as they are; load it only from an artifact you trust "
                                 f"(--trust-artifact)")
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, emulate),
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, emulate, optimization),
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own error types: corrupt, truncated, unsafe external data …
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
