@@ -146,7 +146,8 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    b.add_argument("--graphs", help="comma-separated roles to run (default: int or qdq, and fp32)")
+    b.add_argument("--graphs", help="comma-separated roles to run (default: int or qdq, fp32, and fp32@all: the FP32 graph at "
+                   "onnxruntime's default optimization level)")
     b.add_argument("--json", help="write the report here")
     b.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     b.add_argument("--strict", action="store_true", help="refuse a graph that fails its load-time self-check")

@@ -74,12 +74,13 @@ def _in_fresh_process(call: str) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def fresh_process_peak(graph: Path, shape: tuple, steps: int, threads: int | None) -> float:
-    return _in_fresh_process(f"_peak_child({str(graph)!r}, {tuple(shape)!r}, {steps}, {threads!r})")
+def fresh_process_peak(graph: Path, shape: tuple, steps: int, threads: int | None,
+                       optimization: str = "extended") -> float:
+    return _in_fresh_process(f"_peak_child({str(graph)!r}, {tuple(shape)!r}, {steps}, {threads!r}, {optimization!r})")
 
 
-def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> float:
-    s = UNetSession(graph, threads=threads)
+def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None, optimization: str = "extended") -> float:
+    s = UNetSession(graph, threads=threads, optimization=optimization)
     x = initial_noise(shape, 0)
     for t in np.linspace(999, 0, steps).astype(int):
         s(x, int(t))
@@ -87,8 +88,9 @@ def _peak_child(graph: str, shape: tuple, steps: int, threads: int | None) -> fl
 
 
 def bench(artifacts: list[str], roles: list[str] | None = None, **options) -> dict:
-    """Bench `roles` (default: the fastest quantized graph and the FP32 reference) of every artifact;
-    `options` as for `bench_graphs` (text-to-image artifacts: `bench_text_to_image`)."""
+    """Bench `roles` (default: the fastest quantized graph and the FP32 reference, the latter both at the
+    runtime's level and at onnxruntime's default `fp32@all`) of every artifact; `options` as for
+    `bench_graphs` (text-to-image artifacts: `bench_text_to_image`)."""
     if any("text" in load_artifact(a, verify=False).manifest.extra for a in artifacts):
         if len(artifacts) != 1:
             raise ValueError("bench one text-to-image artifact at a time")
@@ -97,7 +99,7 @@ def bench(artifacts: list[str], roles: list[str] | None = None, **options) -> di
     graphs = []
     for a in artifacts:
         art = load_artifact(a)
-        want = roles or [next(r for r in ("int", "qdq") if art.manifest.files_with_role(r)), "fp32"]
+        want = roles or [next(r for r in ("int", "qdq") if art.manifest.files_with_role(r)), "fp32", "fp32@all"]
         graphs += [(f"{Path(a).name}:{role}", a, role) for role in want]
     return bench_graphs(graphs, **options)
 
@@ -106,16 +108,20 @@ def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, bat
                  threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True,
                  strict: bool = False, trusted: bool = False) -> dict:
     """Bench named graphs `(name, artifact folder, role)` of artifacts with the same sample shape,
-    interleaved step by step through one sampling loop each."""
+    interleaved step by step through one sampling loop each. A role may name onnxruntime's optimization
+    level after an `@` (`fp32@all`: onnxruntime's own default, NCHWc float convolutions on x86); the
+    speed-up is against the fastest FP32 entry, so the reference is the best FP32 session measured."""
     entries, arts = [], {}
-    for name, a, role in graphs:
+    for name, a, spec in graphs:
+        role, _, level = spec.partition("@")
+        level = level or "extended"
         if str(a) not in arts:
             arts[str(a)] = load_artifact(a)
         art = arts[str(a)]
         path = art.graph(role)
-        session = UNetSession(path, threads=threads, trusted=trusted)
+        session = UNetSession(path, threads=threads, trusted=trusted, optimization=level)
         check = self_check(art, session, strict) if role != "fp32" else None
-        entries.append(dict(name=name, file=str(path), role=role, art=art,
+        entries.append(dict(name=name, file=str(path), role=role, optimization=level, art=art,
                             session=session, check=check.to_dict() if check else None))
     m = entries[0]["art"].manifest
     shape = (batch, *m.sample_shape)
@@ -139,16 +145,17 @@ def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, bat
             xs[n] = scheds[n].step(eps, int(t), xs[n]).prev_sample
             per[n].append(t1 - t0)
             loop[n] += time.perf_counter() - t0
-    fp32_med = next((np.median(per[e["name"]]) for e in entries if e["role"] == "fp32"), None)
+    fp32_med = min((np.median(per[e["name"]]) for e in entries if e["role"] == "fp32"), default=None)
     results = []
     for e in entries:
         n = e["name"]
         med = float(np.median(per[n]))
         results.append(dict(
-            name=n, file=e["file"], role=e["role"], step_ms_median=med * 1e3,
+            name=n, file=e["file"], role=e["role"], optimization=e["optimization"], step_ms_median=med * 1e3,
             step_ms_p90=float(np.percentile(per[n], 90)) * 1e3, image_ms=loop[n] / batch * 1e3,
             load_ms=e["session"].load_ms,
-            peak_rss_mb=fresh_process_peak(Path(e["file"]), shape, min(steps, 5), threads) if memory else None,
+            peak_rss_mb=fresh_process_peak(Path(e["file"]), shape, min(steps, 5), threads,
+                                           e["optimization"]) if memory else None,
             bytes=Path(e["file"]).stat().st_size,
             loop_overhead_pct=100 * (1 - sum(per[n]) / loop[n]),
             speedup_vs_fp32=float(fp32_med / med) if fp32_med else None, check=e["check"]))
@@ -164,7 +171,8 @@ def table(report: dict) -> str:
              f"{st['steps']} {st['scheduler']} steps, batch {st['batch']}, threads {st['threads']}; "
              f"int8 path {mi['isa']}",
              f"{'graph':<34} {'step ms':>8} {'p90':>8} {'ms/img':>9} {'load ms':>8} {'peak MB':>8} {'MB file':>8} "
-             f"{'loop %':>6} {'x fp32':>7} check"]
+             f"{'loop %':>6} {'x fp32':>7} check",
+             "(x fp32: against the fastest FP32 row; @all = onnxruntime's default optimization level)"]
     for r in report["results"]:
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
         sp = f"{r['speedup_vs_fp32']:.2f}" if r["speedup_vs_fp32"] else "-"
