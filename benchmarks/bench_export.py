@@ -27,6 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_cifar_config_unet, gemm_peak, interleaved, machine_info, peak_rss, unet_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# onnxruntime's own default level (ALL) adds NCHWc float convolutions on x86: the FP32 graph a user
+# runs with a plain InferenceSession, often faster than at the runtime's EXTENDED level
+LEVELS = {"fp32_ort_default": "all"}
+
+
+def level_of(graph: str) -> str:
+    return LEVELS.get(graph, "extended")
 
 
 def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
@@ -63,11 +70,8 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
               "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq"),
               "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int"),
               "time_quantized_int": a_tq.graph("int")}
-    sessions = {k: UNetSession(p, threads=args.threads) for k, p in graphs.items()}
-    # onnxruntime's own default level (ALL) adds NCHWc float convolutions on x86: the FP32 graph a user
-    # runs with a plain InferenceSession, often faster than at the runtime's EXTENDED level
     graphs["fp32_ort_default"] = graphs["fp32"]
-    sessions["fp32_ort_default"] = UNetSession(graphs["fp32"], threads=args.threads, optimization="all")
+    sessions = {k: UNetSession(p, threads=args.threads, optimization=level_of(k)) for k, p in graphs.items()}
     model = load_model(model_id)
     torch.set_num_threads(args.threads)
     unet = model.unet
@@ -96,11 +100,11 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
                        gops=ops * batch / med[k] / 1e9)
             if path is not None:
                 row.update(peak_rss(path, x.shape, args.threads,
-                                    optimization="all" if k == "fp32_ort_default" else "extended"))
+                                    optimization=level_of(k)))
             rows.append(row)
     threads = {}
     for n_threads in args.threads_sweep:   # scaling per graph, interleaved per thread count
-        ts = {k: UNetSession(graphs[k], threads=n_threads, optimization="all" if k == "fp32_ort_default" else "extended")
+        ts = {k: UNetSession(graphs[k], threads=n_threads, optimization=level_of(k))
               for k in ("fp32", "fp32_ort_default", "static_qdq", "ours_int")}
         for batch in (1, 8):
             x = np.random.default_rng(0).standard_normal((batch, *model.sample_shape)).astype(np.float32)
@@ -108,7 +112,7 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
             for k, v in t.items():
                 threads.setdefault(k, {}).setdefault(str(batch), {})[str(n_threads)] = float(np.median(v)) * 1e3
     profile = {f"{k}_b{b}": op_breakdown(graphs[k], (b, *model.sample_shape), args.threads,
-                                         optimization="all" if k == "fp32_ort_default" else "extended")
+                                         optimization=level_of(k))
                for k in ("fp32", "fp32_ort_default", "ours_int", "static_qdq") for b in (1, 8)}
     return dict(ops_per_sample=ops, rows=rows, threads=threads, profile=profile,
                 bytes=dict(fp32=graphs["fp32"].stat().st_size,

@@ -34,7 +34,7 @@ def session_options(threads: int | None = None, emulate: bool = False, optimizat
         so.inter_op_num_threads = 1
     # EXTENDED by default: for the integer graphs ALL's layout rewrites add ~100 Transposes for no gain
     # (measured 2-4% slower, AVX2 within noise); for an FP32 graph on x86 ALL's NCHWc convolutions are
-    # faster (AVX2 Zen 3: ×1.10-1.19) at ×1.7 its peak RSS, so FP32 comparisons are made against both
+    # faster (AVX2 Zen 3: cifar-config ×1.13-1.15, shipped ×1.55) at ×1.6 its peak RSS, so FP32 comparisons are made against both
     # (benchmarks/bench_export.py). Spinning threads cost 1.8x on a shared 2-core board.
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization level {optimization!r} is not one of {sorted(OPTIMIZATION_LEVELS)}")
