@@ -66,7 +66,14 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
     # the integer graph before the time-branch change: time MLP and time_emb_proj quantized, one per ResNet
     a_tq = load_artifact(build("tq", groups=args.groups, calibration=CalibrationConfig(
         source=src, table=TableConfig(quantize_time_branch=True))))
+    # this build's two graph changes, each undone alone and both together: QLinearMatMul with requantized
+    # products instead of MatMulIntegerToFloat, and the time MLP computed per step instead of looked up
+    a_qmm = load_artifact(build("qmm", groups=args.groups, calibration=CalibrationConfig(
+        source=src, table=TableConfig(matmul_outputs="quantized", tabulate_time_embedding=False))))
+    a_nott = load_artifact(build("nott", groups=args.groups, calibration=CalibrationConfig(
+        source=src, table=TableConfig(tabulate_time_embedding=False))))
     graphs = {"fp32": a_ours.graph("fp32"), "static_qdq": a_static.graph("qdq"),
+              "qlinearmatmul_int": a_qmm.graph("int"), "no_time_table_int": a_nott.graph("int"),
               "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq"),
               "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int"),
               "time_quantized_int": a_tq.graph("int")}
@@ -181,7 +188,9 @@ def markdown(result: dict) -> str:
              "`plain_int` the integer graph before that change (plain int8, first/last quantized: wrong on "
              "x86 without VNNI); `first_last_int8_int` saturation-safe with conv_in/conv_out quantized; "
              "`time_quantized_int` the default with the time MLP and time_emb_proj quantized (before the "
-             "time-branch change); `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
+             "time-branch change); `qlinearmatmul_int` the default before MatMulIntegerToFloat and the time-embedding "
+             "table (Linear and attention products requantized, QLinearMatMul; time MLP computed per step); "
+             "`no_time_table_int` the default without the time-embedding table; `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
              "Operations are 2 × MAC (torch.utils.flop_counter's count). `fp32` runs at the runtime's EXTENDED level, "
              "`fp32_ort_default` the same graph at onnxruntime's default level ALL (NCHWc float convolutions on x86); "
              "× FP32 ORT is against `fp32`, × best FP32 against the faster of the two.", "",

@@ -38,9 +38,10 @@ DEFAULT_ARTIFACT = Path("/tmp/art-provmap")
 GRAPH_SUFFIXES = (".onnx", ".ort")
 EPS = ("NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram")
 # Input indices of the scales and of the zero points, per quantized op.
-SCALE_INPUTS = {"QuantizeLinear": (1,), "DequantizeLinear": (1,), "QLinearConv": (1, 4, 6), "QLinearMatMul": (1, 4, 6)}
+SCALE_INPUTS = {"QuantizeLinear": (1,), "DequantizeLinear": (1,), "QLinearConv": (1, 4, 6), "QLinearMatMul": (1, 4, 6),
+                "MatMulIntegerToFloat": (2, 3)}
 ZERO_POINT_INPUTS = {"QuantizeLinear": (2,), "DequantizeLinear": (2,), "QLinearConv": (2, 5, 7),
-                     "QLinearMatMul": (2, 5, 7)}
+                     "QLinearMatMul": (2, 5, 7), "MatMulIntegerToFloat": (4, 5)}
 INTEGER_KERNELS = {"QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM"}
 
 

@@ -17,6 +17,7 @@ from qexport.calibrate.sources import SourceConfig  # noqa: E402
 from qexport.errors import QexportError  # noqa: E402
 from qexport.eval.simulate import simulated  # noqa: E402
 from qexport.export.pipeline import build_int, build_qdq, convert, marked_graph  # noqa: E402
+from qexport.export.passes.tabulate_time_embedding import TABLE as TIME_TABLE  # noqa: E402
 from qexport.tables.build import TableConfig  # noqa: E402
 from qexport.zoo.loading import load_model  # noqa: E402
 from qexport_runtime.artifact import load_artifact, sha256_file  # noqa: E402
@@ -60,11 +61,16 @@ def trajectory_state(model, t: int, n: int = 4) -> np.ndarray:
 def test_onnx_matches_simulated_quantization(built):
     """ONNX and torch round the same values but accumulate in different orders, so a value lying on a
     rounding boundary may land one quantization step apart; through GroupNorm (per-sample
-    statistics) or the time embedding one such flip moves that whole sample. We require: most
-    samples match the simulation exactly (≤ 1e-4), at most a quarter of all samples see a flip, and
-    no difference is larger than the largest quantization error |sim − FP32| itself."""
+    statistics) or the time embedding one such flip moves that whole sample. Float products
+    (MatMulIntegerToFloat) add accumulation-order differences before the next quantizer, so flips
+    are more frequent than with requantized products (measured on this fixture: 2–6 of 20 samples
+    against 0). We require: at least half of all samples match the simulation exactly (≤ 1e-4), the
+    mean difference is at most 0.4 of the mean quantization error |sim − FP32| (a wrong graph
+    gives more: measured 1.18 for a K=1 table, 3.3 for a shifted time step), and no difference is larger
+    than the largest quantization error."""
     model, table, _, qdq, _ = built
     flipped = total = 0
+    diff_sum = qerr_sum = 0.0
     for t in CHECK_T:
         x = trajectory_state(model, t)
         with simulated(model.unet, table), torch.no_grad():
@@ -79,7 +85,10 @@ def test_onnx_matches_simulated_quantization(built):
         assert diff.max() <= qerr.max(), t
         flipped += int((per_sample > 1e-4).sum())
         total += len(x)
-    assert flipped <= total // 4, f"{flipped} of {total} samples differ from the simulation"
+        diff_sum, qerr_sum = diff_sum + diff.mean(), qerr_sum + qerr.mean()
+    print(f"flipped {flipped} of {total}; mean |onnx-sim| / mean |sim-fp32| = {diff_sum / qerr_sum:.3f}")
+    assert flipped <= total // 2, f"{flipped} of {total} samples differ from the simulation"
+    assert diff_sum <= 0.4 * qerr_sum, (diff_sum, qerr_sum)
 
 
 def test_lookup_selects_the_right_group_for_every_t(built):
@@ -102,7 +111,9 @@ def test_lookup_selects_the_right_group_for_every_t(built):
 def test_integer_lowering_uses_integer_kernels_and_equals_qdq(built):
     model, table, _, qdq, integer = built
     ops = {n.op_type for n in integer.graph.node}
-    assert {"QLinearConv", "QLinearMatMul"} <= ops
+    # Linear and attention products stay float by default: MatMulIntegerToFloat, none requantized
+    assert {"QLinearConv", "MatMulIntegerToFloat"} <= ops and "QLinearMatMul" not in ops
+    assert not any(n.op_type == "MatMul" for n in integer.graph.node), "a quantized matmul was not lowered"
     from qexport.export.passes.graph_utils import producers
 
     prod = producers(integer.graph)
@@ -141,7 +152,9 @@ def test_integer_graph_equals_static_graph_of_matching_group(built):
         members = np.flatnonzero(table.group_of_t == g)
         t = int(members[len(members) // 2])
         static = build_qdq(marked, table, group=g)
-        assert not any(n.input and n.input[0].startswith("qx/") and n.op_type == "Gather" for n in static.graph.node)
+        # No scale is looked up by t; the one t-indexed Gather left is the time-embedding table's (a value, not a scale).
+        lookups = {n.input[0] for n in static.graph.node if n.op_type == "Gather" and n.input[0].startswith("qx/")}
+        assert lookups <= {TIME_TABLE}, lookups
         x = trajectory_state(model, t)
         with torch.no_grad():
             fp = model.unet(torch.from_numpy(x), torch.tensor([t])).sample.numpy()
@@ -294,7 +307,8 @@ def test_time_branch_is_float_batched_and_stored_in_float16(built):
     for g in (qdq, integer):
         t_only = t_only_tensors(g.graph)
         gemms = [n for n in g.graph.node if n.op_type == "Gemm"]
-        assert len(gemms) == 3 and all(n.input[0] in t_only for n in gemms)   # linear_1, linear_2, batched
+        assert len(gemms) == 1 and all(n.input[0] in t_only for n in gemms)   # the batched projections (the
+        # time MLP's linear_1 and linear_2 became a lookup: test_time_embedding_is_looked_up_by_t)
         inits = {t.name: t for t in g.graph.initializer}
         casts = {n.output[0]: n.input[0] for n in g.graph.node if n.op_type == "Cast"}
         for n in gemms:
@@ -304,3 +318,53 @@ def test_time_branch_is_float_batched_and_stored_in_float16(built):
         assert len(splits) == 1 and len(splits[0].output) == len(resnets)
         assert not any(n.op_type in ("QLinearMatMul", "QuantizeLinear") and n.input[0] in t_only
                        for n in g.graph.node if n.input)
+
+
+def test_time_embedding_is_looked_up_by_t(built):
+    """TabulateTimeEmbedding: the time MLP's output is one float16 [T, D] table row per t, equal to diffusers'
+    own time embedding (float16 weights, as exported) at every t; sinusoid and MLP are gone from the graph."""
+    from onnx import numpy_helper
+
+    from qexport.export.passes.tabulate_time_embedding import TABLE
+
+    model, table, _, qdq, integer = built
+    assert table.time_embedding_table
+    unet = model.unet
+    for g in (qdq, integer):
+        ops = [n.op_type for n in g.graph.node]
+        assert "Sin" not in ops and "Cos" not in ops
+        tab = numpy_helper.to_array(next(t for t in g.graph.initializer if t.name == TABLE))
+        assert tab.dtype == np.float16 and tab.shape == (table.num_train_timesteps, unet.config.block_out_channels[0] * 4)
+    t = torch.arange(table.num_train_timesteps)
+    emb = unet.time_embedding
+    saved = [p.data.clone() for p in emb.parameters()]
+    try:
+        for p in emb.parameters():
+            p.data = p.data.half().float()
+        with torch.no_grad():
+            ref = emb(unet.time_proj(t)).numpy()
+    finally:
+        for p, d in zip(emb.parameters(), saved):
+            p.data = d
+    err = np.abs(tab.astype(np.float32) - ref)
+    assert err.max() <= 2e-3 * max(1.0, np.abs(ref).max()), err.max()
+
+
+def test_quantized_matmul_outputs_lower_to_standard_qlinearmatmul(built, tmp_path):
+    """`matmul_outputs="quantized"` (--quantize-matmul-outputs): standard ONNX only (QLinearMatMul, no
+    com.microsoft op), the products get table sites, and the integer graph still equals its QDQ graph."""
+    import dataclasses
+
+    model, table, marked, _, _ = built
+    cfg = dataclasses.replace(CAL, table=dataclasses.replace(CAL.table, matmul_outputs="quantized"))
+    qtable, _ = calibrate(model, cfg, progress=False)
+    assert {s for s in qtable.sites if s.endswith((".qk.out", ".pv.out"))} and not \
+        {s for s in table.sites if s.endswith((".qk.out", ".pv.out"))}
+    qdq = build_qdq(marked, qtable)
+    integer = build_int(qdq)
+    ops = {n.op_type for n in integer.graph.node}
+    assert "QLinearMatMul" in ops and "MatMulIntegerToFloat" not in ops
+    assert all(n.domain in ("", "ai.onnx") for n in integer.graph.node)
+    x = trajectory_state(model, 480)
+    a, b = run(qdq, x, 480), run(integer, x, 480)
+    assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a ** 2)) <= 0.02

@@ -32,6 +32,12 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize-time-branch", action="store_true",
                    help="quantize the time MLP and time_emb_proj layers too (default: float, batched into one "
                         "product per step; see README)")
+    g.add_argument("--no-time-table", action="store_true",
+                   help="compute the time MLP in the graph at every step (default: looked up by t from a "
+                        "float16 [T, D] table; see README)")
+    g.add_argument("--quantize-matmul-outputs", action="store_true",
+                   help="requantize Linear and attention products (QLinearMatMul, standard ONNX only; default: "
+                        "float products through onnxruntime's MatMulIntegerToFloat, bias added in the kernel)")
     g.add_argument("--no-saturation-safe", action="store_true",
                    help="plain int8 weights: correct only on VNNI / ARM CPUs, wrong on x86 AVX2 (see README)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
@@ -56,6 +62,10 @@ def calibration_config(args: argparse.Namespace, **forced):
         table["quantize_first_last"] = True
     if getattr(args, "quantize_time_branch", False):
         table["quantize_time_branch"] = True
+    if getattr(args, "no_time_table", False):
+        table["tabulate_time_embedding"] = False
+    if getattr(args, "quantize_matmul_outputs", False):
+        table["matmul_outputs"] = "quantized"
     if getattr(args, "no_saturation_safe", False):
         table["saturation_safe"] = False
     if getattr(args, "method", None) is not None:

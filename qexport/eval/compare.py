@@ -103,7 +103,8 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
     from qexport_runtime.bench import machine_info
 
     from ..export.pipeline import convert
-    from ..zoo.cost import unet_ops
+    from ..tables.schema import QuantTable
+    from ..zoo.cost import time_embedding_ops, unet_ops
     from ..zoo.loading import load_model
     from .efficiency import gemm_peak
 
@@ -116,7 +117,8 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
     for key, model_id in models.items():
         m = load_model(model_id)
         info[key] = dict(model_id=model_id, params=sum(p.numel() for p in m.unet.parameters()),
-                         macs_torch=int(unet_ops(m.unet, m.sample_shape) / 2), sample_shape=tuple(m.sample_shape))
+                         macs_torch=int(unet_ops(m.unet, m.sample_shape) / 2), sample_shape=tuple(m.sample_shape),
+                         time_embedding_macs=int(time_embedding_ops(m.unet) / 2))
     if len({i["sample_shape"] for i in info.values()}) != 1:
         raise ValueError(f"the models' sample shapes differ ({ {k: i['sample_shape'] for k, i in info.items()} }); "
                          f"compare models of one resolution and channel count")
@@ -128,6 +130,9 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
     rows = {v.name: dict(name=v.name, model=v.model, model_id=models[v.model], bits=v.bits, role=v.role,
                          artifact=str(artifacts[v.model, v.artifact_bits]), params=info[v.model]["params"],
                          macs_torch=info[v.model]["macs_torch"]) for v in cfg.variants()}
+    for r in rows.values():   # torch's count of what the graph runs: a time-embedding table skips the time MLP
+        if r["bits"] != 32 and QuantTable.load(r["artifact"]).time_embedding_table:
+            r["macs_torch"] -= info[r["model"]]["time_embedding_macs"]
     peak = gemm_peak(cfg.threads)
     _efficiency(rows, cfg, info["big"]["sample_shape"], peak)
     seed_floor, bimodal = None, None
@@ -154,7 +159,7 @@ def _efficiency(rows: dict, cfg: CompareConfig, sample_shape: tuple, peak: dict)
     from qexport_runtime.artifact import load_artifact
     from qexport_runtime.bench import bench_graphs
 
-    from .efficiency import achieved_gops, graph_macs
+    from .efficiency import achieved_gops, graph_macs, is_integer_op
 
     graphs = [(name, r["artifact"], r["role"]) for name, r in rows.items()]
     for batch in (1, 8):
@@ -171,7 +176,7 @@ def _efficiency(rows: dict, cfg: CompareConfig, sample_shape: tuple, peak: dict)
     for r in rows.values():
         macs = graph_macs(load_artifact(r["artifact"]).graph(r["role"]), sample_shape)
         r["macs_per_step"] = macs["total"]
-        r["int8_mac_share"] = sum(v for k, v in macs["by_op"].items() if k.startswith("QLinear")) / macs["total"]
+        r["int8_mac_share"] = sum(v for k, v in macs["by_op"].items() if is_integer_op(k)) / macs["total"]
         kind = "fp32" if r["bits"] == 32 else "int8"
         for batch in (1, 8):
             gops = achieved_gops(r["macs_per_step"], batch, r[f"step_ms_b{batch}"])

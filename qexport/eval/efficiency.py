@@ -9,9 +9,36 @@ import numpy as np
 
 # Operators that multiply-accumulate, float and integer forms: (input holding the K axis, how K is read).
 _CONV = ("Conv", "ConvInteger", "QLinearConv")
-_MATMUL = ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "Gemm", "QGemm")
+_MATMUL = ("MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "FusedMatMul", "Gemm", "QGemm")
 _WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
-_A_INPUT = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "FusedMatMul": 0, "Gemm": 0, "QGemm": 0}
+_A_INPUT = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "MatMulIntegerToFloat": 0, "FusedMatMul": 0, "Gemm": 0,
+            "QGemm": 0}
+
+
+def _standard_stand_ins(graph) -> dict[str, str]:
+    """onnxruntime's symbolic shape inference knows no com.microsoft MatMulIntegerToFloat: in this copy of the
+    graph each becomes MatMul(Cast(A), Cast(B)) (same output shape). Returns {node name: original op}."""
+    from onnx import TensorProto, helper
+
+    originals = {}
+    for i, node in enumerate(list(graph.node)):
+        if node.op_type != "MatMulIntegerToFloat":
+            continue
+        name = node.name or f"mmitf{i}"
+        casts = [helper.make_node("Cast", [x], [f"cast/{name}/{k}"], name=f"cast/{name}/{k}", to=TensorProto.FLOAT)
+                 for k, x in enumerate(node.input[:2])]
+        matmul = helper.make_node("MatMul", [c.output[0] for c in casts], list(node.output), name=name)
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for k, n in enumerate([*casts, matmul]):
+            graph.node.insert(at + k, n)
+        originals[name] = "MatMulIntegerToFloat"
+    return originals
+
+
+def is_integer_op(op: str) -> bool:
+    """A multiply-accumulating operator with integer operands (QLinearConv, MatMulIntegerToFloat, ConvInteger …)."""
+    return op.startswith("QLinear") or "Integer" in op or op == "QGemm"
 
 
 def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
@@ -31,6 +58,7 @@ def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
         if inp.name == "sample":
             for d, n in zip(dims, (1, *sample_shape)):
                 d.dim_value = n
+    contrib = _standard_stand_ins(model.graph)
     inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     shapes = dict(init)
     for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
@@ -39,7 +67,7 @@ def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
             shapes[v.name] = [d.dim_value for d in dims]
     by_op: dict[str, int] = {}
     for node in inferred.graph.node:
-        if node.op_type not in _CONV + _MATMUL:
+        if node.op_type not in _CONV + _MATMUL or node.name.startswith("cast/"):
             continue
         out = shapes.get(node.output[0])
         if out is None:
@@ -50,7 +78,8 @@ def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
             a = shapes[node.input[_A_INPUT[node.op_type]]]
             trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
             k = a[-2] if trans_a else a[-1]
-        by_op[node.op_type] = by_op.get(node.op_type, 0) + int(np.prod(out)) * int(k)
+        op = contrib.get(node.name, node.op_type)
+        by_op[op] = by_op.get(op, 0) + int(np.prod(out)) * int(k)
     return dict(total=sum(by_op.values()), by_op=by_op)
 
 

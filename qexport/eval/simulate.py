@@ -87,6 +87,9 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
                 saved[name] = m.weight.data.clone()
                 m.weight.data = m.weight.data.half().float()
     handles = install_taps(unet, sim if activations else None)
+    time_embedding = getattr(inner_unet(unet), "time_embedding", None)
+    if weights and table.time_embedding_table and time_embedding is not None:   # the graphs' float16 lookup table
+        handles.append(time_embedding.register_forward_hook(lambda m, a, out: out.half().float()))
 
     def pre(mod, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)

@@ -94,8 +94,9 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
     """The portable QDQ graph: activation parameters looked up by time step (`group=None`) or
     frozen at one group (a constant-scale graph ORT fuses itself). Pass order, declared once:
     DetachBias → QuantizeActivations → CancelBiasRoundTrip → (opset 21) → QuantizeWeights →
-    BatchTimeProjections."""
-    from .passes import BatchTimeProjections, CompactNames, DetachBias, QuantizeActivations, QuantizeWeights
+    BatchTimeProjections → TabulateTimeEmbedding (when the table says so)."""
+    from .passes import (BatchTimeProjections, CompactNames, DetachBias, QuantizeActivations, QuantizeWeights,
+                         TabulateTimeEmbedding)
     from .passes.graph_utils import prune_initializers
     from .passes.params import ConstantParams, LookupParams
 
@@ -108,6 +109,8 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
     model = to_opset(model)
     QuantizeWeights(table)(model)
     BatchTimeProjections()(model)
+    if table.time_embedding_table:
+        TabulateTimeEmbedding(table.num_train_timesteps)(model)
     prune_initializers(model.graph)
     CompactNames()(model)
     onnx.checker.check_model(model)
@@ -194,7 +197,8 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
     if method == "static":
         cfg = dataclasses.replace(cfg, table=TableConfig(groups=1, range=RangeConfig(method="minmax"), weight_bits=bits,
                                                          weight_mse=False, zero_point="per-group",
-                                                         quantize_first_last=True, quantize_time_branch=True))
+                                                         quantize_first_last=True, quantize_time_branch=True,
+                                                         matmul_outputs="quantized"))
     else:
         tcfg = dataclasses.replace(cfg.table, weight_bits=bits, range=dataclasses.replace(cfg.table.range, method=method))
         if groups is not None:

@@ -11,7 +11,8 @@ from ..tables.weights import PAIR_LIMIT, k_pairs
 
 # op → (index of the integer weight input, how to bring it to [O, I, *k])
 _WEIGHT = {"QLinearConv": (3, lambda w: w), "QLinearMatMul": (3, lambda w: w.T),
-           "ConvInteger": (1, lambda w: w), "MatMulInteger": (1, lambda w: w.T)}
+           "ConvInteger": (1, lambda w: w), "MatMulInteger": (1, lambda w: w.T),
+           "MatMulIntegerToFloat": (1, lambda w: w.T)}
 
 
 def pair_report(model: onnx.ModelProto) -> dict:

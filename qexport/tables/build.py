@@ -32,9 +32,14 @@ class TableConfig:
     quantize_time_branch: bool = False  # False: the t-only branch (time MLP, every time_emb_proj) stays float:
                                         # it depends on t alone, its ranges move most with t, and it is a
                                         # handful of [1, C] products (export.passes.batch_time_projections)
+    tabulate_time_embedding: bool = True  # with the time branch float: the time MLP's output is looked up by t
+                                          # from a float16 [T, D] table (export.passes.tabulate_time_embedding)
     zero_point: str = "shared"       # "shared": one zero point per site (fast integer kernels); "per-group"
     split_concat: bool = True        # quantize each part of a skip concatenation with its own range
     saturation_safe: bool = True     # integer weights no CPU kernel can saturate (tables.weights.saturation_safe)
+    matmul_outputs: str = "float"    # "float": a Linear's or an attention matmul's product is not quantized (the
+                                     # integer graph runs MatMulIntegerToFloat, which adds the bias in float);
+                                     # "quantized": it is (QLinearMatMul, standard ONNX; quantize_static's default)
 
     def __post_init__(self):
         if self.groups < 1:
@@ -43,6 +48,8 @@ class TableConfig:
             raise ValueError(f"zero_point must be 'shared' or 'per-group', got {self.zero_point!r}")
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
+        if self.matmul_outputs not in ("float", "quantized"):
+            raise ValueError(f"matmul_outputs must be 'float' or 'quantized', got {self.matmul_outputs!r}")
 
 
 def per_step_ranges(stats: ActivationStats, cfg: RangeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +87,7 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
     float_modules = () if cfg.quantize_first_last else tuple(first_last)
     if not cfg.quantize_time_branch:
         float_modules += tuple(sorted(m for m in weights if is_time_branch(m)))
-    weights = {m: w for m, w in weights.items() if m not in float_modules}
+    weights_all, weights = weights, {m: w for m, w in weights.items() if m not in float_modules}
     wbits = {m: (8 if (m in first_last and cfg.first_last_8bit) else cfg.weight_bits) for m in weights}
     wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse if cfg.weight_mse is not None else wbits[m] == 4)
               for m, w in weights.items()}
@@ -91,10 +98,12 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
                             weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit,
                             quantize_first_last=cfg.quantize_first_last,
                             quantize_time_branch=cfg.quantize_time_branch,
+                            tabulate_time_embedding=cfg.tabulate_time_embedding and not cfg.quantize_time_branch,
                             zero_point=cfg.zero_point, split_concat=cfg.split_concat,
-                            saturation_safe=cfg.saturation_safe))
-    keep = [i for i, site in enumerate(stats.sites) if not any(site == m or site.startswith(m + ".")
-                                                               for m in float_modules)]
+                            saturation_safe=cfg.saturation_safe, matmul_outputs=cfg.matmul_outputs))
+    products = matmul_products(stats.sites, weights_all) if cfg.matmul_outputs == "float" else set()
+    keep = [i for i, site in enumerate(stats.sites) if site not in products and not any(
+        site == m or site.startswith(m + ".") for m in float_modules)]
     return QuantTable(sites=tuple(stats.sites[i] for i in keep),
                       group_of_t=group_of_t(stats.timesteps, group, num_train_timesteps),
                       range_lo=lo[:, keep], range_hi=hi[:, keep], scale=scale[:, keep], zero_point=zp[:, keep],
@@ -102,6 +111,13 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
                       calibration=calib, timesteps=stats.timesteps, t_min=stats.min[keep].astype(np.float32),
                       t_max=stats.max[keep].astype(np.float32), saturation_safe=cfg.saturation_safe,
                       float_modules=float_modules)
+
+
+def matmul_products(sites, weights: dict[str, np.ndarray]) -> set[str]:
+    """The sites that are matrix products: a Linear's `.out` (2-D weight) and an attention block's
+    `qk.out` / `pv.out` (tables with `matmul_outputs="float"` leave them unquantized)."""
+    return {s for s in sites if s.endswith((".qk.out", ".pv.out"))
+            or (s.endswith(".out") and getattr(weights.get(s[:-len(".out")]), "ndim", 0) == 2)}
 
 
 def union_concat_parts(sites, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

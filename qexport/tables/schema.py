@@ -93,6 +93,12 @@ class QuantTable:
         branch (export.passes.batch_time_projections); the simulation rounds them the same way."""
         return module in self.float_modules and is_time_branch(module)
 
+    @property
+    def time_embedding_table(self) -> bool:
+        """Whether the exported graphs look the time MLP's output up by t from a float16 table
+        (export.passes.tabulate_time_embedding); the simulation rounds it the same way."""
+        return bool(self.calibration.get("table", {}).get("tabulate_time_embedding", False))
+
     def site_index(self, site: str) -> int:
         return self.sites.index(site)
 

@@ -41,3 +41,16 @@ def unet_ops(unet, sample_shape: tuple) -> float:
         for h in hooks:
             h.remove()
     return 2.0 * macs[0]
+
+
+def time_embedding_ops(unet) -> float:
+    """Operations (2 × MAC) of the time MLP (`time_embedding`'s Linears) for one sample: what a graph whose
+    time embedding is a lookup table (export.passes.tabulate_time_embedding) no longer computes per step."""
+    import torch
+
+    from .guidance import inner_unet
+
+    emb = getattr(inner_unet(unet), "time_embedding", None)
+    if emb is None:
+        return 0.0
+    return 2.0 * sum(m.in_features * m.out_features for m in emb.modules() if isinstance(m, torch.nn.Linear))

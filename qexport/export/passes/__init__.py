@@ -10,5 +10,6 @@ from .lower_integer import LowerToInteger
 from .quantize_activations import QuantizeActivations
 from .quantize_weights import QuantizeWeights
 from .strip_taps import StripTaps
+from .tabulate_time_embedding import TabulateTimeEmbedding
 
-__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CompactNames", "DetachBias", "FoldShapes", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps"]
+__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CompactNames", "DetachBias", "FoldShapes", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps", "TabulateTimeEmbedding"]

@@ -7,8 +7,11 @@ Rules:
      (B_q: the int32 bias at scale x_scale · w_scale, see quantize_weights.py)
   2. DQ(a_q) → MatMul(·, DQ(W_q) | DQ(b_q)) → Q(y) ⇒  QLinearMatMul(a_q, …, b_q, …) → y_q
   3. DQ(a_q) → Gemm(·, DQ(W_q), transB=1) → Q(y)  ⇒  QLinearMatMul with Wᵀ stored as [I, O]
-The Q's dequantize (and, for MatMul, the float bias Add after it) stay as they are, so consumers are
-untouched.
+  4. DQ(a_q) → MatMul | Gemm(·, DQ(b_q)) [→ Add(·, bias)], product not quantized (tables with
+     `matmul_outputs="float"`) ⇒  com.microsoft MatMulIntegerToFloat(a_q, b_q, …[, bias]): the
+     integer GEMM scaled back to float with the bias added, in one kernel (no requantize, no DQ, no Add)
+The Q's dequantize (and, for QLinearMatMul, the float bias Add after it) stay as they are, so
+consumers are untouched.
 Convs fed by a Concat of separately quantized parts (split quantization) keep their QDQ form.
 4-bit weights stay 4-bit in the file; a Cast to int8 (folded by ORT when the session loads) feeds
 the integer kernel.
@@ -22,6 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph_utils import consumers, initializer_map, producers, prune_initializers
 
+CONTRIB = "com.microsoft"
+
 
 class LowerToInteger:
     def __call__(self, model: onnx.ModelProto) -> bool:
@@ -30,6 +35,8 @@ class LowerToInteger:
         for node in list(g.node):
             if node.op_type in ("Conv", "MatMul", "Gemm"):
                 self._lower(g, node)
+        if any(n.domain == CONTRIB for n in g.node) and not any(o.domain == CONTRIB for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
         prune_initializers(g)
         return self.lowered > 0
 
@@ -38,13 +45,15 @@ class LowerToInteger:
         dq_a, dq_b = prod.get(node.input[0]), prod.get(node.input[1])
         dq_bias = prod.get(node.input[2]) if len(node.input) > 2 else None
         users = cons[node.output[0]]
-        if not (_is(dq_a, "DequantizeLinear") and _is(dq_b, "DequantizeLinear") and len(users) == 1
-                and _is(users[0], "QuantizeLinear")) or len(node.input) > 3:
+        if not (_is(dq_a, "DequantizeLinear") and _is(dq_b, "DequantizeLinear")) or len(node.input) > 3:
+            return
+        to_float = not (len(users) == 1 and _is(users[0], "QuantizeLinear"))   # rule 4
+        if to_float and node.op_type == "Conv":
             return
         if len(node.input) == 3 and not (node.op_type == "Conv" and _is(dq_bias, "DequantizeLinear")):
             return
-        q_y = users[0]
-        b_q, b_s, b_z = (list(dq_b.input) + [None])[:3]
+        q_y = None if to_float else users[0]
+        b_q, b_s, b_z = (list(dq_b.input) + [""])[:3]
         new_nodes = []
         if node.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -57,19 +66,24 @@ class LowerToInteger:
             cast = f"{b_q}_int8"
             new_nodes.append(helper.make_node("Cast", [b_q], [cast], name=f"{node.name}/cast_w", to=TensorProto.INT8))
             b_q = cast
-        if b_z in inits and inits[b_z].data_type == TensorProto.INT4:  # zero points are all 0
+        if b_z and b_z in inits and inits[b_z].data_type == TensorProto.INT4:  # zero points are all 0
             b_z = _add_int8(g, f"{b_s}_zp8", np.zeros(numpy_helper.to_array(inits[b_s]).shape, np.int8))
         a_q, a_s, a_z = dq_a.input[0], dq_a.input[1], dq_a.input[2]
-        y_s, y_z = q_y.input[1], q_y.input[2]
-        op = "QLinearConv" if node.op_type == "Conv" else "QLinearMatMul"
-        attrs = [a for a in node.attribute] if op == "QLinearConv" else []
-        bias = [dq_bias.input[0]] if dq_bias is not None else []
-        lin = helper.make_node(op, [a_q, a_s, a_z, b_q, b_s, b_z, y_s, y_z, *bias], [q_y.output[0]],
-                               name=f"{node.name or q_y.name}/int")
-        lin.attribute.extend(attrs)
         idx = list(g.node).index(node)
+        if to_float:
+            lin, add = self._to_float(g, node, users, inits, a_q, a_s, a_z, b_q, b_s, b_z)
+            if add is not None:
+                g.node.remove(add)
+        else:
+            y_s, y_z = q_y.input[1], q_y.input[2]
+            op = "QLinearConv" if node.op_type == "Conv" else "QLinearMatMul"
+            attrs = [a for a in node.attribute] if op == "QLinearConv" else []
+            bias = [dq_bias.input[0]] if dq_bias is not None else []
+            lin = helper.make_node(op, [a_q, a_s, a_z, b_q, b_s, b_z, y_s, y_z, *bias], [q_y.output[0]],
+                                   name=f"{node.name or q_y.name}/int")
+            lin.attribute.extend(attrs)
+            g.node.remove(q_y)
         g.node.remove(node)
-        g.node.remove(q_y)
         for k, n in enumerate(new_nodes + [lin]):
             g.node.insert(idx + k, n)
         for dq in (dq_a, dq_b, dq_bias):
@@ -79,6 +93,23 @@ class LowerToInteger:
                 if dq is dq_bias and _is(scale, "Mul") and not consumers(g)[scale.output[0]]:
                     g.node.remove(scale)
         self.lowered += 1
+
+    @staticmethod
+    def _to_float(g, node, users, inits, a_q, a_s, a_z, b_q, b_s, b_z):
+        """Rule 4: MatMulIntegerToFloat, taking over a following Add of a constant [N] bias."""
+        add = users[0] if len(users) == 1 and _is(users[0], "Add") else None
+        bias = None
+        if add is not None:
+            other = [i for i in add.input if i != node.output[0]]
+            b = inits.get(other[0]) if len(other) == 1 else None
+            if b is not None and b.data_type == TensorProto.FLOAT and len(b.dims) == 1:
+                bias = other[0]
+        if bias is None:
+            add = None
+        out = add.output[0] if add is not None else node.output[0]
+        lin = helper.make_node("MatMulIntegerToFloat", [a_q, b_q, a_s, b_s, a_z, b_z, *([bias] if bias else [])],
+                               [out], name=f"{node.name or out}/int", domain=CONTRIB)
+        return lin, add
 
 
 def _is(node, op: str) -> bool:
