@@ -72,7 +72,17 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
         source=src, table=TableConfig(matmul_outputs="quantized", tabulate_time_embedding=False))))
     a_nott = load_artifact(build("nott", groups=args.groups, calibration=CalibrationConfig(
         source=src, table=TableConfig(tabulate_time_embedding=False))))
-    graphs = {"fp32": a_ours.graph("fp32"), "static_qdq": a_static.graph("qdq"),
+    # the split-concat 1×1 convs left in float (before lowering rule 5), from the same QDQ graph
+    no_split = workdir / f"{name}-no_split_int.onnx"
+    if not no_split.exists():
+        import onnx
+
+        from qexport.export.passes.lower_integer import LowerToInteger
+
+        m = onnx.load(str(a_ours.graph("qdq")))
+        LowerToInteger(split_convs=False)(m)
+        onnx.save(m, str(no_split))
+    graphs = {"fp32": a_ours.graph("fp32"), "static_qdq": a_static.graph("qdq"), "float_split_conv_int": no_split,
               "qlinearmatmul_int": a_qmm.graph("int"), "no_time_table_int": a_nott.graph("int"),
               "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq"),
               "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int"),
@@ -184,13 +194,15 @@ def markdown(result: dict) -> str:
     lines = [f"# Exporter benchmark ({result['machine']['cpu']}, int8 path {result['machine']['isa']}, "
              f"{result['threads']} threads, onnxruntime {result['machine']['onnxruntime']})", "",
              "Graphs: `ours_int` the default integer graph (saturation-safe weights, conv_in/conv_out float, "
-             "time branch float and batched); "
+             "time branch float and batched, time embedding looked up by t, Linear/attention products and "
+             "split-concat convs as MatMulIntegerToFloat); "
              "`plain_int` the integer graph before that change (plain int8, first/last quantized: wrong on "
              "x86 without VNNI); `first_last_int8_int` saturation-safe with conv_in/conv_out quantized; "
              "`time_quantized_int` the default with the time MLP and time_emb_proj quantized (before the "
              "time-branch change); `qlinearmatmul_int` the default before MatMulIntegerToFloat and the time-embedding "
              "table (Linear and attention products requantized, QLinearMatMul; time MLP computed per step); "
-             "`no_time_table_int` the default without the time-embedding table; `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
+             "`no_time_table_int` the default without the time-embedding table; `float_split_conv_int` the default "
+             "with the 1×1 convs over split-quantized skip concatenations left in float (before lowering rule 5); `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
              "Operations are 2 × MAC (torch.utils.flop_counter's count). `fp32` runs at the runtime's EXTENDED level, "
              "`fp32_ort_default` the same graph at onnxruntime's default level ALL (NCHWc float convolutions on x86); "
              "× FP32 ORT is against `fp32`, × best FP32 against the faster of the two.", "",

@@ -118,11 +118,15 @@ def test_integer_lowering_uses_integer_kernels_and_equals_qdq(built):
 
     prod = producers(integer.graph)
     unquantized = 0
-    for n in integer.graph.node:  # float convs left: split-concat shortcuts, and conv_in / conv_out (float)
-        if n.op_type != "Conv" or getattr(prod.get(n.input[0]), "op_type", None) == "Concat":
+    for n in integer.graph.node:  # the only float convs left: conv_in / conv_out (kept float)
+        if n.op_type != "Conv":
             continue
-        assert n.input[1] not in prod, f"{n.name}: a quantized conv was not lowered"
+        assert n.input[1] not in prod and getattr(prod.get(n.input[0]), "op_type", None) != "Concat", \
+            f"{n.name}: a quantized conv was not lowered"
         unquantized += 1
+    # split-quantized skip concatenations: each part its own integer GEMM at its own scale (lowering rule 5)
+    split = [n for n in integer.graph.node if n.name.endswith("/int1") and n.op_type == "MatMulIntegerToFloat"]
+    assert split and all(getattr(prod.get(n.input[0]), "op_type", None) == "Transpose" for n in split)
     from qexport.tables.schema import is_time_branch
 
     assert unquantized == len([m for m in table.float_modules if not is_time_branch(m)]) == 2
@@ -211,7 +215,7 @@ def test_static_group_graphs_share_one_weights_file_and_run(artifact):
 def test_failed_convert_leaves_no_folder(tiny_pipeline_dir, tmp_path, monkeypatch):
     import qexport.export.pipeline as pipeline
 
-    def boom(_):
+    def boom(*_, **__):
         raise RuntimeError("injected failure in the integer lowering")
 
     monkeypatch.setattr(pipeline, "build_int", boom)
@@ -361,7 +365,7 @@ def test_quantized_matmul_outputs_lower_to_standard_qlinearmatmul(built, tmp_pat
     assert {s for s in qtable.sites if s.endswith((".qk.out", ".pv.out"))} and not \
         {s for s in table.sites if s.endswith((".qk.out", ".pv.out"))}
     qdq = build_qdq(marked, qtable)
-    integer = build_int(qdq)
+    integer = build_int(qdq, standard_only=qtable.standard_ops_only)
     ops = {n.op_type for n in integer.graph.node}
     assert "QLinearMatMul" in ops and "MatMulIntegerToFloat" not in ops
     assert all(n.domain in ("", "ai.onnx") for n in integer.graph.node)

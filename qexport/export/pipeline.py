@@ -120,13 +120,14 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
 INT_FILE = "unet_int.onnx"
 
 
-def build_int(qdq: onnx.ModelProto) -> onnx.ModelProto:
-    """The integer-operator lowering of a QDQ graph (QLinearConv / QLinearMatMul, standard ONNX)."""
+def build_int(qdq: onnx.ModelProto, standard_only: bool = False) -> onnx.ModelProto:
+    """The integer-operator lowering of a QDQ graph (QLinearConv, MatMulIntegerToFloat; QLinearMatMul
+    and no com.microsoft op when `standard_only`)."""
     from .passes.lower_integer import LowerToInteger
 
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
-    LowerToInteger()(model)
+    LowerToInteger(contrib_ops=not standard_only)(model)
     onnx.checker.check_model(model)
     return model
 
@@ -242,7 +243,7 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
         qdq = build_qdq(marked, table, group=0 if method == "static" else None)
         onnx.save(qdq, str(w.add(QDQ_FILE, "qdq")))
         stages.update(1)
-        integer = build_int(qdq)
+        integer = build_int(qdq, standard_only=table.standard_ops_only)
         onnx.save(integer, str(w.add(INT_FILE, "int")))
         guided = None
         if model.conditioned:

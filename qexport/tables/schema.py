@@ -99,6 +99,12 @@ class QuantTable:
         (export.passes.tabulate_time_embedding); the simulation rounds it the same way."""
         return bool(self.calibration.get("table", {}).get("tabulate_time_embedding", False))
 
+    @property
+    def standard_ops_only(self) -> bool:
+        """Whether the integer graph keeps to standard ONNX (`matmul_outputs="quantized"`: QLinearMatMul,
+        float split-concat convs) instead of com.microsoft MatMulIntegerToFloat."""
+        return self.calibration.get("table", {}).get("matmul_outputs", "float") == "quantized"
+
     def site_index(self, site: str) -> int:
         return self.sites.index(site)
 
