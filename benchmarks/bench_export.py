@@ -82,6 +82,8 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
         m = onnx.load(str(a_ours.graph("qdq")))
         LowerToInteger(split_convs=False)(m)
         onnx.save(m, str(no_split))
+    if args.build_only:
+        return {}
     graphs = {"fp32": a_ours.graph("fp32"), "static_qdq": a_static.graph("qdq"), "float_split_conv_int": no_split,
               "qlinearmatmul_int": a_qmm.graph("int"), "no_time_table_int": a_nott.graph("int"),
               "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq"),
@@ -261,7 +263,18 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the result files (export_bench<TAG>.json/.md), e.g. _avx2")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep the converted artifacts here and reuse them on the next run (default: a temp dir)")
+    p.add_argument("--build-only", action="store_true",
+                   help="only convert the artifacts into --workdir (e.g. while the machine is busy), time nothing")
     args = p.parse_args()
+    if args.build_only and not args.workdir:
+        p.error("--build-only needs --workdir DIR to keep the artifacts in")
+    if args.build_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        for name in args.models:
+            model_id = "digits16-ddpm" if name == "shipped" else str(build_cifar_config_unet(args.cache / "ddpm-cifar10-config"))
+            bench_model(name, model_id, args.workdir, args)
+            print(f"built {name} in {args.workdir}", flush=True)
+        return
     result = dict(tag=args.tag, machine=machine_info(), threads=args.threads, gemm_peak=gemm_peak(args.threads), models={})
     with tempfile.TemporaryDirectory() as tmp:
         if args.workdir:
