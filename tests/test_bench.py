@@ -64,3 +64,16 @@ def test_unet_ops_equals_torch_flop_counter(tiny_pipeline_dir):
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model.unet(torch.zeros(1, *model.sample_shape), torch.tensor([500]))
     assert ops == pytest.approx(fc.get_total_flops(), rel=1e-9)
+
+
+def test_session_options_pins_glibc_mmap_threshold():
+    """The runtime's first session_options() fixes malloc's mmap threshold, so weights onnxruntime frees
+    after prepacking leave the process (peak RSS, benchmarks/bench_export.py); a fresh process, since the
+    setting is per process."""
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip(f"mallopt is glibc's; this is {platform.system()} {platform.libc_ver()[0] or 'without glibc'}")
+    code = ("from qexport_runtime import session as s; assert s._pinned == [], s._pinned; s.session_options(1); "
+            "assert s._pinned == [True], s._pinned; assert s.pin_mmap_threshold() is True; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1000:]
