@@ -268,21 +268,18 @@ def main() -> None:
     args = p.parse_args()
     if args.build_only and not args.workdir:
         p.error("--build-only needs --workdir DIR to keep the artifacts in")
-    if args.build_only:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        for name in args.models:
-            model_id = "digits16-ddpm" if name == "shipped" else str(build_cifar_config_unet(args.cache / "ddpm-cifar10-config"))
-            bench_model(name, model_id, args.workdir, args)
-            print(f"built {name} in {args.workdir}", flush=True)
-        return
-    result = dict(tag=args.tag, machine=machine_info(), threads=args.threads, gemm_peak=gemm_peak(args.threads), models={})
+    result = dict(tag=args.tag, machine=machine_info(), threads=args.threads, models={})
+    if not args.build_only:
+        result["gemm_peak"] = gemm_peak(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.workdir:
             args.workdir.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             model_id = "digits16-ddpm" if name == "shipped" else str(build_cifar_config_unet(args.cache / "ddpm-cifar10-config"))
             result["models"][name] = bench_model(name, model_id, args.workdir or Path(tmp), args)
-            print(f"done {name}", flush=True)
+            print(f"{'built' if args.build_only else 'done'} {name}", flush=True)
+    if args.build_only:
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"export_bench{args.tag}.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
