@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,37 @@ def test_session_options_pins_glibc_mmap_threshold():
             "assert s.pin_mmap_threshold() is True; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1000:]
+
+
+def test_time_projection_variants_compute_the_default_projection(small_artifact):
+    """benchmarks/bench_time_projections.py: the per-t table and the 8-bit MatMulNBits rebuild the
+    default graph's time projection (the table's row t, not a neighbour's; the 8-bit weights within
+    their block quantization), so the benchmark compares like with like."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_time_projections import _projection, matmul_nbits8, per_t_table
+
+    manifest = json.loads((small_artifact / "manifest.json").read_text())
+    shape = tuple(manifest["sample_shape"])
+    default = onnx.load(str(small_artifact / "unet_int.onnx"))
+    name = _projection(default)[0].output[0]
+
+    def projection(model, t):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run([name], {"sample": np.zeros((1, *shape), np.float32), "timestep": np.array([t], np.int64)})[0]
+
+    table, nbits = per_t_table(default, manifest["num_train_timesteps"], shape), matmul_nbits8(default)
+    assert not any(n.op_type == "Gemm" and n.output[0] == name for n in [*table.graph.node, *nbits.graph.node])
+    for t in (0, 1, 517, manifest["num_train_timesteps"] - 1):
+        ref = projection(default, t)
+        scale = np.abs(ref).max()
+        assert np.abs(projection(table, t) - ref).max() <= 1e-3 * scale
+        assert np.abs(projection(nbits, t) - ref).max() <= 2e-2 * scale
+    assert np.abs(projection(table, 517) - projection(default, 518)).max() > 1e-3 * np.abs(projection(default, 517)).max()
