@@ -372,3 +372,43 @@ def test_quantized_matmul_outputs_lower_to_standard_qlinearmatmul(built, tmp_pat
     x = trajectory_state(model, 480)
     a, b = run(qdq, x, 480), run(integer, x, 480)
     assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a ** 2)) <= 0.02
+
+
+def test_fixed_conv_input_ranges_give_constant_scales_and_biases(built):
+    """`fixed_range_below` (--fixed-range-below, default 3): a conv input whose group ranges are close
+    enough keeps one range, so its QLinearConv gets a constant input scale and int32 bias (onnxruntime's
+    fused symmetric conv kernel needs both constant); other sites stay looked up. With 1 every conv
+    input is looked up by t again, and that graph equals its QDQ graph too."""
+    import dataclasses
+    from argparse import Namespace
+
+    from qexport.cli.calibrate import calibration_config
+    from qexport.export.passes.graph_utils import initializer_map
+
+    model, table, marked, _, integer = built
+    conv_modules = {n for n, m in model.unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    convs = [i for i, s in enumerate(table.sites) if s in conv_modules]
+    width = table.range_hi - table.range_lo
+    fixed = [i for i in convs if np.ptp(table.scale[:, i]) == 0]
+    assert fixed and all(width[:, i].max() / width[:, i].min() < 3 for i in convs)   # all of them, here
+    assert len(fixed) == len(convs)
+    others = [i for i in range(len(table.sites)) if i not in convs]
+    assert any(np.ptp(table.scale[:, i]) > 0 for i in others)           # only conv inputs are fixed
+    inits = initializer_map(integer.graph)
+    qconvs = [n for n in integer.graph.node if n.op_type == "QLinearConv"]
+    assert qconvs and all(n.input[1] in inits and n.input[8] in inits for n in qconvs)
+    assert any(n.op_type == "Gather" and n.input[0] == "qx/scale_table" for n in integer.graph.node)
+    assert calibration_config(Namespace(fixed_range_below=1.5)).table.fixed_range_below == 1.5
+    ptable, _ = calibrate(model, dataclasses.replace(CAL, table=dataclasses.replace(
+        CAL.table, fixed_range_below=1.0)), progress=False)
+    assert all(np.ptp(ptable.scale[:, i]) > 0 for i in convs)
+    qdq = build_qdq(marked, ptable)
+    pint = build_int(qdq)
+    inits = initializer_map(pint.graph)
+    assert not any(n.input[1] in inits or n.input[8] in inits for n in pint.graph.node if n.op_type == "QLinearConv")
+    for t in (0, 480, 999):
+        x = trajectory_state(model, t)
+        a, b = run(qdq, x, t), run(pint, x, t)
+        assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a ** 2)) <= 0.02, t
+    with pytest.raises(ValueError, match="fixed_range_below"):
+        TableConfig(fixed_range_below=0.5)

@@ -38,6 +38,10 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize-matmul-outputs", action="store_true",
                    help="requantize Linear and attention products (QLinearMatMul, standard ONNX only; default: "
                         "float products through onnxruntime's MatMulIntegerToFloat, bias added in the kernel)")
+    g.add_argument("--fixed-range-below", type=float, metavar="RATIO",
+                   help="a conv input whose range width varies over t by at most RATIO keeps one range: "
+                        "constant bias, onnxruntime's fused conv kernel (default 3; 1 = every conv input "
+                        "looked up by t, see README)")
     g.add_argument("--no-saturation-safe", action="store_true",
                    help="plain int8 weights: correct only on VNNI / ARM CPUs, wrong on x86 AVX2 (see README)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
@@ -66,6 +70,8 @@ def calibration_config(args: argparse.Namespace, **forced):
         table["tabulate_time_embedding"] = False
     if getattr(args, "quantize_matmul_outputs", False):
         table["matmul_outputs"] = "quantized"
+    if getattr(args, "fixed_range_below", None) is not None:
+        table["fixed_range_below"] = args.fixed_range_below
     if getattr(args, "no_saturation_safe", False):
         table["saturation_safe"] = False
     if getattr(args, "method", None) is not None:

@@ -40,6 +40,12 @@ class TableConfig:
     matmul_outputs: str = "float"    # "float": a Linear's or an attention matmul's product is not quantized (the
                                      # integer graph runs MatMulIntegerToFloat, which adds the bias in float);
                                      # "quantized": it is (QLinearMatMul, standard ONNX; quantize_static's default)
+    fixed_range_below: float = 3.0   # a Conv's input whose group ranges differ in width by at most this ratio
+                                     # gets one range for every t (their union): its int32 bias is then a
+                                     # constant, and ONNX Runtime runs that conv through its fused symmetric
+                                     # kernel instead of im2col + GEMM + requantize (fix_conv_input_ranges).
+                                     # Measured (README): the shipped model's conv inputs vary ×1.07–2.37 and
+                                     # fixing them all leaves its fidelity within noise; 1 = all looked up by t
 
     def __post_init__(self):
         if self.groups < 1:
@@ -50,6 +56,8 @@ class TableConfig:
             raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
         if self.matmul_outputs not in ("float", "quantized"):
             raise ValueError(f"matmul_outputs must be 'float' or 'quantized', got {self.matmul_outputs!r}")
+        if not self.fixed_range_below >= 1.0:
+            raise ValueError(f"fixed_range_below is a ratio of range widths, ≥ 1 (1 = off), got {self.fixed_range_below}")
 
 
 def per_step_ranges(stats: ActivationStats, cfg: RangeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +88,8 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
                                                  stats.max[s, members].max(), cfg.range)
     if not cfg.split_concat:
         lo, hi = union_concat_parts(stats.sites, lo, hi)
+    if cfg.fixed_range_below > 1.0:
+        lo, hi = fix_conv_input_ranges(stats.sites, weights, lo, hi, cfg.fixed_range_below)
     if cfg.zero_point == "shared":
         scale, zp = shared_zero_point_params(lo, hi, cfg.range.bits)
     else:
@@ -100,7 +110,8 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
                             quantize_time_branch=cfg.quantize_time_branch,
                             tabulate_time_embedding=cfg.tabulate_time_embedding and not cfg.quantize_time_branch,
                             zero_point=cfg.zero_point, split_concat=cfg.split_concat,
-                            saturation_safe=cfg.saturation_safe, matmul_outputs=cfg.matmul_outputs))
+                            saturation_safe=cfg.saturation_safe, matmul_outputs=cfg.matmul_outputs,
+                            fixed_range_below=cfg.fixed_range_below))
     products = matmul_products(stats.sites, weights_all) if cfg.matmul_outputs == "float" else set()
     keep = [i for i, site in enumerate(stats.sites) if site not in products and not any(
         site == m or site.startswith(m + ".") for m in float_modules)]
@@ -118,6 +129,18 @@ def matmul_products(sites, weights: dict[str, np.ndarray]) -> set[str]:
     `qk.out` / `pv.out` (tables with `matmul_outputs="float"` leave them unquantized)."""
     return {s for s in sites if s.endswith((".qk.out", ".pv.out"))
             or (s.endswith(".out") and getattr(weights.get(s[:-len(".out")]), "ndim", 0) == 2)}
+
+
+def fix_conv_input_ranges(sites, weights: dict[str, np.ndarray], lo: np.ndarray, hi: np.ndarray,
+                          below: float) -> tuple[np.ndarray, np.ndarray]:
+    """Give a Conv's input site (the site named as the module, 4-D weight) the union of its groups'
+    ranges when their widths differ by at most `below` (max/min): one constant scale for all t."""
+    lo, hi = lo.copy(), hi.copy()
+    width = np.maximum(hi - lo, 1e-12)
+    for i, s in enumerate(sites):
+        if getattr(weights.get(s), "ndim", 0) == 4 and width[:, i].max() / width[:, i].min() <= below:
+            lo[:, i], hi[:, i] = lo[:, i].min(), hi[:, i].max()
+    return lo, hi
 
 
 def union_concat_parts(sites, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

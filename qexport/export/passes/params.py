@@ -3,7 +3,8 @@
   - `LookupParams(table)`: `g = Gather(group_of_t, t)`; one Gather of a `[K, n]` table row per
     dtype and one Split give every site its scale (a 1-element tensor) — two kernels per step in
     all, instead of one lookup per site. Zero points are constants when the table shares them
-    across groups (integer kernels keep their fast path), looked up otherwise.
+    across groups (integer kernels keep their fast path), looked up otherwise; a site whose scale is
+    the same in every group (`TableConfig.fixed_range_below`) gets a constant scale.
   - `ConstantParams(table, group)`: the same parameters, frozen at one group — the constant-scale
     graph ORT fuses by itself (the static baseline, or one graph per group for NPUs).
 Both hand out tensor names through `scale(site)` / `zero_point(site)`; `finish()` emits the lookups.
@@ -69,8 +70,12 @@ class LookupParams(_Params):
     def scale(self, site: str) -> str:
         key = (site, "scale")
         if key not in self._cache:
+            col = self.table.scale[:, self.index[site]].astype(np.float32)
             out = self._name(site, "scale")
-            self.pending["scale"].append((out, self.table.scale[:, self.index[site]].astype(np.float32)))
+            if np.all(col == col[0]):
+                add_initializer(self.g, out, np.array(col[0], np.float32))
+            else:
+                self.pending["scale"].append((out, col))
             self._cache[key] = out
         return self._cache[key]
 
