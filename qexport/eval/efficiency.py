@@ -83,13 +83,13 @@ def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
     return dict(total=sum(by_op.values()), by_op=by_op)
 
 
-def gemm_peak(threads: int | None, n: int = 1024, reps: int = 10) -> dict:
-    """Achieved GOP/s (2 × MAC per second) of one large int8 (QLinearMatMul u8×s8) and one FP32
-    MatMul through onnxruntime: what "share of the machine's peak" is measured against."""
+def gemm_probes(threads: int | None, n: int = 1024) -> dict:
+    """One large int8 (QLinearMatMul u8×s8) and one FP32 MatMul through onnxruntime, as
+    `{name: (call, operations)}`: timed beside the graphs they are compared with (interleaved), so a
+    busy moment of the machine moves both."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from qexport_runtime.bench import interleaved
     from qexport_runtime.session import session_options
 
     rng = np.random.default_rng(0)
@@ -105,14 +105,23 @@ def gemm_peak(threads: int | None, n: int = 1024, reps: int = 10) -> dict:
     fp_graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "g",
                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [wf])
-    res = {}
+    probes = {}
     for name, graph, x in (("int8", int_graph, rng.integers(0, 255, (n, n)).astype(np.uint8)),
                            ("fp32", fp_graph, rng.standard_normal((n, n)).astype(np.float32))):
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
         s = ort.InferenceSession(m.SerializeToString(), session_options(threads))
-        t = interleaved({name: lambda: s.run(None, {"a": x})}, reps)[name]
-        res[f"{name}_gops"] = 2 * n ** 3 / np.median(t) / 1e9
-    return res
+        probes[name] = (lambda s=s, x=x: s.run(None, {"a": x}), 2 * n ** 3)
+    return probes
+
+
+def gemm_peak(threads: int | None, n: int = 1024, reps: int = 10) -> dict:
+    """Achieved GOP/s (2 × MAC per second) of `gemm_probes`: what "share of the machine's peak" is
+    measured against."""
+    from qexport_runtime.bench import interleaved
+
+    probes = gemm_probes(threads, n)
+    t = interleaved({k: f for k, (f, _) in probes.items()}, reps)
+    return {f"{k}_gops": ops / np.median(t[k]) / 1e9 for k, (_, ops) in probes.items()}
 
 
 def achieved_gops(macs_per_sample: float, batch: int, step_ms: float) -> float:
