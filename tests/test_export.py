@@ -296,6 +296,63 @@ def test_fp32_graph_has_constant_reshapes_no_bias_round_trip_and_equals_torch(bu
         np.testing.assert_allclose(run(fp32, x, 321), ref, atol=2e-4, rtol=1e-4)
 
 
+def test_collapse_reshapes_turns_unit_axis_transposes_into_one_reshape():
+    """CollapseReshapes on a single-head split: Reshape → Transpose (moving a size-1 axis) → Reshape is
+    one Reshape with the same result; a Transpose that moves a real axis is kept."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qexport.export.passes.collapse_reshapes import CollapseReshapes, moves_only_unit_axes
+
+    assert moves_only_unit_axes(np.array([-1, 64, 1, 32]), [0, 2, 1, 3])
+    assert not moves_only_unit_axes(np.array([-1, 64, 2, 32]), [0, 2, 1, 3])
+    assert not moves_only_unit_axes(np.array([-1, 64, 32]), [0, 2, 1])
+
+    def graph(heads: int) -> onnx.ModelProto:
+        c = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+        nodes = [helper.make_node("Reshape", ["x", "s1"], ["a"]), helper.make_node("Transpose", ["a"], ["b"],
+                                                                                  perm=[0, 2, 1, 3]),
+                 helper.make_node("Reshape", ["b", "s2"], ["y"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 6, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 6, 8 // heads * heads])],
+                              [c("s1", [-1, 6, heads, 8 // heads]), c("s2", [-1, 6, 8 // heads])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(0).standard_normal((3, 6, 8)).astype(np.float32)
+    for heads, left in ((1, ["Reshape"]), (2, ["Reshape", "Transpose", "Reshape"])):
+        m = graph(heads)
+        ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+        CollapseReshapes()(m)
+        onnx.checker.check_model(m)
+        assert [n.op_type for n in m.graph.node] == left
+        np.testing.assert_array_equal(ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0], ref)
+
+
+def test_graphs_carry_no_layout_no_ops(built):
+    """Every graph of the artifact after CollapseReshapes: no Reshape of a Reshape, no Transpose of a
+    Reshape's output that only moves size-1 axes (the tiny U-Net's attention is single-head)."""
+    from onnx import helper
+
+    from qexport.export.passes.collapse_reshapes import constant_values, moves_only_unit_axes, reshape_target
+    from qexport.export.pipeline import fp32_graph
+
+    _, _, marked, qdq, integer = built
+    for g in (fp32_graph(marked), qdq, integer):
+        prod = {o: n for n in g.graph.node for o in n.output}
+        constants = constant_values(g.graph)
+        assert sum(n.op_type == "MatMul" or n.op_type.startswith(("MatMulInteger", "QLinearMatMul"))
+                   for n in g.graph.node) >= 4
+        for n in g.graph.node:
+            src = prod.get(n.input[0]) if n.input else None
+            if src is None or src.op_type != "Reshape":
+                continue
+            assert n.op_type != "Reshape" or reshape_target(constants, n.input[1]) is None, \
+                f"{n.name}: a Reshape of a Reshape is left"
+            shape = reshape_target(constants, src.input[1])
+            if n.op_type == "Transpose" and shape is not None:
+                perm = list(helper.get_attribute_value(n.attribute[0]))
+                assert not moves_only_unit_axes(shape, perm), f"{n.name} only moves size-1 axes"
+
+
 def test_time_branch_is_float_batched_and_stored_in_float16(built):
     """BatchTimeProjections: the t-only branch keeps float activations, every ResNet's time_emb_proj is
     one Gemm + Split, its weights are float16 initializers; and the graph still equals the simulation
