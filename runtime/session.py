@@ -7,6 +7,12 @@ optimizations) load only with `trusted=True`; `__call__(sample, t, context=None)
 prediction (a view of the reused output buffer: copy it if you keep it across steps). A text-conditioned
 U-Net's graph has a third input, `encoder_hidden_states [batch, L, D]` (`context`).
 
+`threads=None` picks the thread count by measurement: over the first calls of each batch size, a graph
+whose call takes under `AUTO_THREADS_MAX_MS` on every physical core is run alternately on one thread
+too (real calls, no extra work), and then runs on the faster (`threads_used`; the second session is
+loaded only for such a small graph). A small U-Net's kernels are too short to share: the shipped int8 graph on a 2-core
+Zen 4 runs ×1.12–1.22 faster on one thread at B=1 and B=8, its FP32 graph faster on two at B=8.
+
 The first `session_options()` call pins glibc's mmap threshold (see `pin_mmap_threshold`): without
 it the original weights onnxruntime frees after prepacking them stay in the heap, and the int8 graph's
 peak RSS carries its weights twice.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import time
 from pathlib import Path
@@ -24,6 +31,30 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import ArtifactError
+
+
+AUTO_THREADS_MAX_MS = 20.0    # slower calls run on every core (cifar-config int8 B=1, ~30 ms: ×1.42 on 2 threads)
+AUTO_THREADS_WARMUP = 3       # untimed calls per candidate (a new session's first calls are slow)
+AUTO_THREADS_CALLS = 5        # timed calls per candidate; the lower median wins
+
+
+def physical_cores() -> int:
+    """Physical cores (onnxruntime's own default thread count): distinct (package, core) pairs of
+    /proc/cpuinfo, else the logical CPU count."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cores, package = set(), None
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    package = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((package, value.strip()))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
 
 
 OPTIMIZATION_LEVELS = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -92,13 +123,12 @@ class UNetSession:
             raise ArtifactError(f"{path} is an ORT-format graph, which can carry saved runtime optimizations that "
                                 f"onnxruntime would apply as they are; load it only from an artifact you trust "
                                 f"(--trust-artifact)")
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, emulate, optimization),
-                                                providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own error types: corrupt, truncated, unsafe external data …
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{path}: onnxruntime cannot load this graph ({reason}); copy the artifact again "
-                                f"or re-export it") from None
+        self._options = dict(emulate=emulate, optimization=optimization)
+        self._providers = providers or ["CPUExecutionProvider"]
+        self._auto = threads is None and not emulate and physical_cores() > 1
+        if self._auto:   # explicit: onnxruntime's default pool pins its threads and starts ~×1.5 slower
+            threads = physical_cores()
+        self.session = self._load(threads)
         self.load_ms = (time.perf_counter() - t0) * 1e3
         inputs = {i.name: i for i in self.session.get_inputs()}
         if set(inputs) not in ({"sample", "timestep"}, {"sample", "timestep", "encoder_hidden_states"}):
@@ -108,9 +138,44 @@ class UNetSession:
         self.context_dims = list(inputs["encoder_hidden_states"].shape) if len(inputs) == 3 else None
         self.num_train_timesteps = num_train_timesteps
         self.output_name = self.session.get_outputs()[0].name
-        self._binding = self.session.io_binding()
         self._out: np.ndarray | None = None
         self._t = np.zeros((1,), dtype=np.int64)
+        self._bound = {threads: _Bound(self.session)}
+        self.threads_used: dict[int, int | None] = {}   # batch size -> intra-op threads (None: onnxruntime's)
+        self._trials: dict[int, list[tuple[int | None, float]]] = {}
+
+    def _load(self, threads: int | None) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=session_options(threads, **self._options),
+                                        providers=self._providers)
+        except Exception as e:  # onnxruntime's own error types: corrupt, truncated, unsafe external data …
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{self.path}: onnxruntime cannot load this graph ({reason}); copy the artifact "
+                                f"again or re-export it") from None
+
+    def threads_for(self, batch: int) -> int | None:
+        """The intra-op threads this batch size runs on (the every-core session while still choosing)."""
+        return self.threads_used.get(batch, next(iter(self._bound)))
+
+    def _next(self, batch: int) -> tuple[int | None, bool]:
+        """(threads of the session to run this call on, whether the call is a timed trial)."""
+        if batch in self.threads_used:
+            return self.threads_used[batch], False
+        first = next(iter(self._bound))
+        trials = self._trials.setdefault(batch, [])
+        if not self._auto or (len(trials) == 2 and trials[1][1] * 1e3 >= AUTO_THREADS_MAX_MS):
+            self.threads_used[batch] = first
+            return first, False
+        if len(trials) < 2:                 # a warm-up, then one call to see whether the graph is small
+            return first, True
+        if 1 not in self._bound:
+            self._bound[1] = _Bound(self._load(1))
+        runs = {k: [dt for kk, dt in trials[2:] if kk == k] for k in self._bound}
+        if all(len(v) >= AUTO_THREADS_WARMUP + AUTO_THREADS_CALLS for v in runs.values()):
+            self.threads_used[batch] = min(runs, key=lambda k: float(np.median(runs[k][AUTO_THREADS_WARMUP:])))
+            del self._trials[batch]
+            return self.threads_used[batch], False
+        return list(self._bound)[len(trials) % len(self._bound)], True
 
     def __call__(self, sample: np.ndarray, timestep: int, context: np.ndarray | None = None) -> np.ndarray:
         sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -133,12 +198,28 @@ class UNetSession:
                              f"trained on; pass a raw training time step")
         if self._out is None or self._out.shape != sample.shape:
             self._out = np.empty_like(sample)
-            self._binding.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out.shape),
-                                      self._out.ctypes.data)
         self._t[0] = timestep
-        self._binding.bind_cpu_input("sample", sample)
-        self._binding.bind_cpu_input("timestep", self._t)
-        if context is not None:
-            self._binding.bind_cpu_input("encoder_hidden_states", context)
-        self.session.run_with_iobinding(self._binding)
+        self._feeds = dict(sample=sample, timestep=self._t, **({} if context is None else
+                                                                {"encoder_hidden_states": context}))
+        threads, trial = self._next(sample.shape[0])
+        t0 = time.perf_counter()
+        self._run(self._bound[threads])
+        if trial:
+            self._trials[sample.shape[0]].append((threads, time.perf_counter() - t0))
         return self._out
+
+    def _run(self, bound: _Bound) -> None:
+        if bound.out is not self._out:
+            bound.binding.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out.shape),
+                                      self._out.ctypes.data)
+            bound.out = self._out
+        for name, value in self._feeds.items():
+            bound.binding.bind_cpu_input(name, value)
+        bound.session.run_with_iobinding(bound.binding)
+
+
+class _Bound:
+    """One onnxruntime session with its IO binding and the output buffer bound to it."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session, self.binding, self.out = session, session.io_binding(), None

@@ -67,6 +67,7 @@ def test_deviating_graph_warns_refuses_with_strict_and_fails_check(artifact, tmp
     assert r.returncode == 0 and r.stderr.count("warning:") == 1 and "DEVIATES" in r.stderr
     summary = json.loads((tmp_path / "out" / "sample.json").read_text())
     assert summary["check"]["ok"] is False and summary["cpu"]["isa"] == kernel_path().isa
+    assert summary["threads_used"] >= 1
     r = runtime("sample", str(bad), "--steps", "2", "--batch", "1", "--strict", "-o", str(tmp_path / "out2"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "DEVIATES" in r.stderr
     assert not (tmp_path / "out2").exists()
