@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qexport.eval.efficiency import gemm_peak, gemm_probes  # noqa: F401  (re-exported for the scripts)
+from qexport.eval.efficiency import gemm_peak, gemm_probes, peak_of  # noqa: F401  (re-exported for the scripts)
 from qexport.zoo.cost import unet_ops  # noqa: F401  (re-exported for the scripts)
 from qexport_runtime.bench import interleaved, machine_info  # noqa: F401  (re-exported for the scripts)
 

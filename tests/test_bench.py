@@ -114,3 +114,20 @@ def test_time_projection_variants_compute_the_default_projection(small_artifact)
         assert np.abs(projection(table, t) - ref).max() <= 1e-3 * scale
         assert np.abs(projection(nbits, t) - ref).max() <= 2e-2 * scale
     assert np.abs(projection(table, 517) - projection(default, 518)).max() > 1e-3 * np.abs(projection(default, 517)).max()
+
+
+def test_peak_is_the_best_round_of_the_faster_probe():
+    """The "% of peak" denominator: each probe at its fastest round, the peak per number type the faster
+    of its matmul and convolution (a busy round or a slow kernel shape cannot make a graph exceed it)."""
+    from qexport.eval.efficiency import gemm_probes, peak_of
+
+    probes = gemm_probes(1, n=64)
+    assert set(probes) == {"int8_matmul", "int8_conv", "fp32_matmul", "fp32_conv"}
+    for call, ops in probes.values():
+        call()
+        assert ops > 0
+    fake = {k: (None, 1e9) for k in probes}
+    times = {"int8_matmul": [0.5, 0.25, 2.0], "int8_conv": [0.2, 0.4], "fp32_matmul": [1.0], "fp32_conv": [2.0, 4.0]}
+    peak = peak_of(fake, times)
+    assert peak["int8_matmul_gops"] == 4.0 and peak["int8_conv_gops"] == 5.0 and peak["int8_gops"] == 5.0
+    assert peak["fp32_gops"] == 1.0
