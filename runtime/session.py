@@ -35,7 +35,7 @@ from .artifact import ArtifactError
 
 AUTO_THREADS_MAX_MS = 20.0    # slower calls run on every core (cifar-config int8 B=1, ~30 ms: ×1.42 on 2 threads)
 AUTO_THREADS_WARMUP = 3       # untimed calls per candidate (a new session's first calls are slow)
-AUTO_THREADS_CALLS = 5        # timed calls per candidate; the lower median wins
+AUTO_THREADS_CALLS = 5        # timed calls per candidate; the faster best call wins (interference only adds time)
 
 
 def physical_cores() -> int:
@@ -172,7 +172,7 @@ class UNetSession:
             self._bound[1] = _Bound(self._load(1))
         runs = {k: [dt for kk, dt in trials[2:] if kk == k] for k in self._bound}
         if all(len(v) >= AUTO_THREADS_WARMUP + AUTO_THREADS_CALLS for v in runs.values()):
-            self.threads_used[batch] = min(runs, key=lambda k: float(np.median(runs[k][AUTO_THREADS_WARMUP:])))
+            self.threads_used[batch] = min(runs, key=lambda k: min(runs[k][AUTO_THREADS_WARMUP:]))
             del self._trials[batch]
             return self.threads_used[batch], False
         return list(self._bound)[len(trials) % len(self._bound)], True
