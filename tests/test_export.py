@@ -332,7 +332,8 @@ def test_graphs_carry_no_layout_no_ops(built):
     Reshape's output that only moves size-1 axes (the tiny U-Net's attention is single-head)."""
     from onnx import helper
 
-    from qexport.export.passes.collapse_reshapes import constant_values, moves_only_unit_axes, reshape_target
+    from qexport.export.passes.collapse_reshapes import moves_only_unit_axes, reshape_target
+    from qexport.export.passes.graph_utils import constant_values
     from qexport.export.pipeline import fp32_graph
 
     _, _, marked, qdq, integer = built

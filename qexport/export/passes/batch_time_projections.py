@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .fold_shapes import remove_dead_nodes
-from .graph_utils import consumers, initializer_map, producers, prune_initializers
+from .graph_utils import constant_values, consumers, initializer_map, producers, prune_initializers
 
 
 def t_only_tensors(graph: onnx.GraphProto) -> set[str]:
@@ -115,7 +115,7 @@ class BatchTimeProjections:
                               numpy_helper.from_array(sizes, f"{name}/sizes")])
         nodes = [helper.make_node("Gemm", [first.input[0], f"{name}/W", f"{name}/b"], [f"{name}/y"], name=name,
                                   transB=1)]
-        consts = _constants(g)
+        consts = constant_values(g)
         to_4d = all(len(m["chain"]) and _unsqueezed_rank(consts, m["chain"]) == 4 for m in group)
         if to_4d:
             g.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), f"{name}/axes"))
@@ -132,14 +132,6 @@ class BatchTimeProjections:
         for k, n in enumerate(nodes):
             g.node.insert(at + k, n)
         _reorder_topologically(g)
-
-
-def _constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
-    out = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return out
 
 
 def _unsqueezed_rank(consts: dict[str, np.ndarray], chain: list[onnx.NodeProto]) -> int:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .fold_shapes import remove_dead_nodes
-from .graph_utils import add_initializer, producers, prune_initializers
+from .graph_utils import add_initializer, constant_values, producers, prune_initializers
 
 
 def moves_only_unit_axes(shape: np.ndarray, perm: list[int]) -> bool:
@@ -24,15 +24,6 @@ def moves_only_unit_axes(shape: np.ndarray, perm: list[int]) -> bool:
     axis longer than 1 in its order, i.e. the Transpose is a Reshape."""
     kept = [a for a in perm if shape[a] != 1]
     return kept == sorted(kept)
-
-
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Every tensor with a value known before running: initializers and `Constant` node outputs."""
-    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return out
 
 
 def reshape_target(constants: dict[str, np.ndarray], name: str) -> np.ndarray | None:

@@ -46,6 +46,15 @@ def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in graph.initializer}
 
 
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every tensor with a value known before running: initializers and `Constant` node outputs."""
+    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
 def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
     graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
     return name
