@@ -31,13 +31,23 @@ def test_graph_macs_equal_torch_flop_counter(tiny_artifact, tiny_pipeline_dir):
             m.set_processor(AttnProcessor())
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model.unet(torch.zeros(1, *model.sample_shape), torch.tensor([500]))
-    with FlopCounterMode(display=False) as fc_time, torch.no_grad():   # the time MLP, a lookup in the quantized graphs
+    with FlopCounterMode(display=False) as fc_mlp, torch.no_grad():   # the time MLP, a lookup in the quantized graphs
+        e = model.unet.time_embedding(model.unet.time_proj(torch.tensor([500])))
+    with FlopCounterMode(display=False) as fc_time, torch.no_grad():   # and the time projections, a lookup too
         model.unet.time_embedding(model.unet.time_proj(torch.tensor([500])))
-    assert time_embedding_ops(model.unet) == fc_time.get_total_flops() > 0
+        for name, m in model.unet.named_modules():
+            if name.endswith("time_emb_proj"):
+                m(torch.nn.functional.silu(e))
+    assert time_embedding_ops(model.unet) == fc_mlp.get_total_flops() > 0
+    assert time_embedding_ops(model.unet, projections=True) == fc_time.get_total_flops() > fc_mlp.get_total_flops()
     art = load_artifact(tiny_artifact)
+    from qexport.tables.schema import QuantTable
+    from qexport.zoo.cost import time_embedding_dim
+
+    looked_up = fc_time if QuantTable.load(tiny_artifact).time_projection_table(time_embedding_dim(model.unet)) else fc_mlp
     for role in ("fp32", "qdq", "int"):
         macs = graph_macs(art.graph(role), model.sample_shape)
-        skipped = fc_time.get_total_flops() if role != "fp32" else 0
+        skipped = looked_up.get_total_flops() if role != "fp32" else 0
         assert 2 * macs["total"] == fc.get_total_flops() - skipped, role
     assert any(k.startswith("QLinear") for k in graph_macs(art.graph("int"), model.sample_shape)["by_op"])
 

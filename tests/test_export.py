@@ -17,7 +17,7 @@ from qexport.calibrate.sources import SourceConfig  # noqa: E402
 from qexport.errors import QexportError  # noqa: E402
 from qexport.eval.simulate import simulated  # noqa: E402
 from qexport.export.pipeline import build_int, build_qdq, convert, marked_graph  # noqa: E402
-from qexport.export.passes.tabulate_time_embedding import TABLE as TIME_TABLE  # noqa: E402
+from qexport.export.passes.tabulate_time_embedding import PROJECTION_TABLE, TABLE as TIME_TABLE  # noqa: E402
 from qexport.tables.build import TableConfig  # noqa: E402
 from qexport.zoo.loading import load_model  # noqa: E402
 from qexport_runtime.artifact import load_artifact, sha256_file  # noqa: E402
@@ -156,9 +156,9 @@ def test_integer_graph_equals_static_graph_of_matching_group(built):
         members = np.flatnonzero(table.group_of_t == g)
         t = int(members[len(members) // 2])
         static = build_qdq(marked, table, group=g)
-        # No scale is looked up by t; the one t-indexed Gather left is the time-embedding table's (a value, not a scale).
+        # No scale is looked up by t; the t-indexed Gathers left are the time tables' (values, not scales).
         lookups = {n.input[0] for n in static.graph.node if n.op_type == "Gather" and n.input[0].startswith("qx/")}
-        assert lookups <= {TIME_TABLE}, lookups
+        assert lookups <= {TIME_TABLE, PROJECTION_TABLE}, lookups
         x = trajectory_state(model, t)
         with torch.no_grad():
             fp = model.unet(torch.from_numpy(x), torch.tensor([t])).sample.numpy()
@@ -354,6 +354,22 @@ def test_graphs_carry_no_layout_no_ops(built):
                 assert not moves_only_unit_axes(shape, perm), f"{n.name} only moves size-1 axes"
 
 
+@pytest.fixture(scope="module")
+def built_projection_table(built):
+    """The same tables with the time projections looked up by t (`tabulate_time_projections="always"`; "auto"
+    leaves them per step on this model, whose T = 1000 > 2 · D)."""
+    import dataclasses
+
+    from qexport.zoo.cost import time_embedding_dim
+
+    model, table, marked, _, _ = built
+    assert not table.time_projection_table(time_embedding_dim(model.unet))   # the "auto" rule: T > 2 · D here
+    calib = dict(table.calibration, table=dict(table.calibration["table"], tabulate_time_projections="always"))
+    table = dataclasses.replace(table, calibration=calib)
+    qdq = build_qdq(marked, table)
+    return model, table, marked, qdq, build_int(qdq)
+
+
 def test_time_branch_is_float_batched_and_stored_in_float16(built):
     """BatchTimeProjections: the t-only branch keeps float activations, every ResNet's time_emb_proj is
     one Gemm + Split, its weights are float16 initializers; and the graph still equals the simulation
@@ -410,6 +426,67 @@ def test_time_embedding_is_looked_up_by_t(built):
             p.data = d
     err = np.abs(tab.astype(np.float32) - ref)
     assert err.max() <= 2e-3 * max(1.0, np.abs(ref).max()), err.max()
+
+
+def test_time_projections_are_one_int8_table_by_t(built_projection_table, built):
+    """TabulateTimeEmbedding rule 2 (default where T ≤ 2·D): every ResNet's time_emb_proj output is one row of
+    an int8 [T, ΣC] table, one scale per channel, within half a step of the float projection at every t; no
+    Gemm and no float16 time weights are left; the output is no further from FP32 than the per-step
+    projections' graph (within 10%), and the torch simulation rounds the same way."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from qexport.export.passes.tabulate_time_embedding import PROJECTION_TABLE, TABLE
+
+    model, table, _, qdq, integer = built_projection_table
+    resnets = [m for m in table.float_modules if m.endswith(".time_emb_proj")]
+    mods = dict(model.unet.named_modules())
+    width = sum(mods[m].out_features for m in resnets)
+    t = torch.arange(table.num_train_timesteps)
+    saved = {n: p.data.clone() for n, p in model.unet.named_parameters()}
+    try:
+        for name in ["time_embedding", *resnets]:   # the graphs store t-only Gemm weights (not biases) as float16
+            for m in mods[name].modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.data = m.weight.data.half().float()
+        with torch.no_grad():
+            e = model.unet.time_embedding(model.unet.time_proj(t)).half().float()
+            ref = torch.cat([mods[m](torch.nn.functional.silu(e)) for m in resnets], dim=1).numpy()
+    finally:
+        for n, p in model.unet.named_parameters():
+            p.data = saved[n]
+    for g in (qdq, integer):
+        inits = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+        assert TABLE not in inits and not any(n.op_type == "Gemm" for n in g.graph.node)
+        assert not any(a.dtype == np.float16 for a in inits.values())   # the time MLP's and projections' weights
+        q, scale = inits[PROJECTION_TABLE], inits[f"{PROJECTION_TABLE}/scale"]
+        assert q.dtype == np.int8 and q.shape == (table.num_train_timesteps, width) and scale.shape == (width,)
+        err = np.abs(q * scale - ref)
+        assert (err <= 0.5 * scale * 1.01 + 1e-5).all(), (err / scale).max()
+    seen = {}
+    with simulated(model.unet, table), torch.no_grad():   # hooks after the simulation's: they see its rounding
+        hooks = [mods[m].register_forward_hook(lambda mod, a, out, m=m: seen.__setitem__(m, out.detach()))
+                 for m in resnets]
+        try:
+            model.unet(torch.zeros(1, *model.sample_shape), torch.tensor([500]))
+        finally:
+            for h in hooks:
+                h.remove()
+    got = torch.cat([seen[m].reshape(1, -1) for m in resnets], dim=1).numpy()[0]
+    step = np.abs(got - q[500] * scale) / scale
+    assert step.max() <= 1.01 and (step < 1e-3).mean() >= 0.99, (step.max(), (step < 1e-3).mean())
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    a, b = (ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            for g in (integer, built[4]))
+    for step in (900, 400, 20):
+        x = trajectory_state(model, step)
+        feeds = dict(sample=x, timestep=np.array([step], np.int64))
+        with torch.no_grad():
+            fp32 = model.unet(torch.from_numpy(x), torch.tensor([step])).sample.numpy()
+        ya, yb = a.run(None, feeds)[0], b.run(None, feeds)[0]
+        rms = lambda v: float(np.sqrt(np.mean(v ** 2)))
+        assert rms(ya - fp32) <= 1.1 * rms(yb - fp32), (step, rms(ya - fp32), rms(yb - fp32))
 
 
 def test_quantized_matmul_outputs_lower_to_standard_qlinearmatmul(built, tmp_path):

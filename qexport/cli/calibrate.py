@@ -33,8 +33,8 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize the time MLP and time_emb_proj layers too (default: float, batched into one "
                         "product per step; see README)")
     g.add_argument("--no-time-table", action="store_true",
-                   help="compute the time MLP in the graph at every step (default: looked up by t from a "
-                        "float16 [T, D] table; see README)")
+                   help="compute the time MLP and the time projections in the graph at every step (default: "
+                        "looked up by t from tables; see README)")
     g.add_argument("--quantize-matmul-outputs", action="store_true",
                    help="requantize Linear and attention products (QLinearMatMul, standard ONNX only; default: "
                         "float products through onnxruntime's MatMulIntegerToFloat, bias added in the kernel)")
@@ -67,7 +67,7 @@ def calibration_config(args: argparse.Namespace, **forced):
     if getattr(args, "quantize_time_branch", False):
         table["quantize_time_branch"] = True
     if getattr(args, "no_time_table", False):
-        table["tabulate_time_embedding"] = False
+        table["tabulate_time_embedding"] = table["tabulate_time_projections"] = False
     if getattr(args, "quantize_matmul_outputs", False):
         table["matmul_outputs"] = "quantized"
     if getattr(args, "fixed_range_below", None) is not None:

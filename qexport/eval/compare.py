@@ -104,7 +104,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
 
     from ..export.pipeline import convert
     from ..tables.schema import QuantTable
-    from ..zoo.cost import time_embedding_ops, unet_ops
+    from ..zoo.cost import time_embedding_dim, time_embedding_ops, unet_ops
     from ..zoo.loading import load_model
     from .efficiency import gemm_peak
 
@@ -118,7 +118,9 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
         m = load_model(model_id)
         info[key] = dict(model_id=model_id, params=sum(p.numel() for p in m.unet.parameters()),
                          macs_torch=int(unet_ops(m.unet, m.sample_shape) / 2), sample_shape=tuple(m.sample_shape),
-                         time_embedding_macs=int(time_embedding_ops(m.unet) / 2))
+                         time_embedding_macs=int(time_embedding_ops(m.unet) / 2),
+                         time_branch_macs=int(time_embedding_ops(m.unet, projections=True) / 2),
+                         time_embedding_dim=time_embedding_dim(m.unet))
     if len({i["sample_shape"] for i in info.values()}) != 1:
         raise ValueError(f"the models' sample shapes differ ({ {k: i['sample_shape'] for k, i in info.items()} }); "
                          f"compare models of one resolution and channel count")
@@ -130,9 +132,12 @@ def run_compare(cfg: CompareConfig, out: str | Path, progress: bool = True) -> d
     rows = {v.name: dict(name=v.name, model=v.model, model_id=models[v.model], bits=v.bits, role=v.role,
                          artifact=str(artifacts[v.model, v.artifact_bits]), params=info[v.model]["params"],
                          macs_torch=info[v.model]["macs_torch"]) for v in cfg.variants()}
-    for r in rows.values():   # torch's count of what the graph runs: a time-embedding table skips the time MLP
-        if r["bits"] != 32 and QuantTable.load(r["artifact"]).time_embedding_table:
-            r["macs_torch"] -= info[r["model"]]["time_embedding_macs"]
+    for r in rows.values():   # torch's count of what the graph runs: a time-embedding table skips the time MLP,
+        table = QuantTable.load(r["artifact"]) if r["bits"] != 32 else None   # a projection table the projections too
+        if table is not None and table.time_embedding_table:
+            i = info[r["model"]]
+            r["macs_torch"] -= i["time_branch_macs" if table.time_projection_table(i["time_embedding_dim"])
+                                 else "time_embedding_macs"]
     peak = gemm_peak(cfg.threads)
     _efficiency(rows, cfg, info["big"]["sample_shape"], peak)
     seed_floor, bimodal = None, None

@@ -5,7 +5,8 @@ checked against, and the tool for measuring activation quantization error along 
 quantized/dequantized with the table's parameters for the current time step (set by
 `sim.set_timestep(t)` or automatically from the `timestep` argument of the forward), and Conv/Linear
 weights are replaced by their dequantized integer weights (float16-rounded for the float t-only
-branch, as the exported graphs store it) and, with activations quantized too, a Conv2d's bias by its
+branch, as the exported graphs store it; its time_emb_proj outputs rounded to the graphs' int8
+table) and, with activations quantized too, a Conv2d's bias by its
 int32 rounding at scale x_scale · w_scale of the current time-step group (what QLinearConv adds). `on_site(site, x, xq)` observes both; `quantizers`
 maps sites to other quantizers `fn(x, t) -> xq` that replace the table's uniform one there.
 """
@@ -67,6 +68,29 @@ class _Sim:
         return xq
 
 
+def _projection_table_hooks(unet: nn.Module, table: QuantTable) -> list:
+    """Every float time_emb_proj's output rounded as the graphs' int8 [T, ΣC] table stores it: one symmetric
+    scale per channel, its largest |value| over t / 127 (export.passes.tabulate_time_embedding)."""
+    projections = {name: m for name, m in unet.named_modules()
+                   if name.endswith("time_emb_proj") and isinstance(m, nn.Linear) and table.half_precision(name)}
+    if not projections:
+        return []
+    with torch.no_grad():
+        t = torch.arange(table.num_train_timesteps)
+        e = unet.time_embedding(unet.time_proj(t).to(unet.dtype)).half().float()
+        silu = nn.functional.silu(e)
+    if not table.time_projection_table(e.shape[-1]):
+        return []
+    hooks = []
+    for m in projections.values():
+        with torch.no_grad():
+            amax = m(silu).abs().amax(dim=0)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float()
+        hooks.append(m.register_forward_hook(
+            lambda mod, a, out, s=scale: torch.clamp(torch.round(out / s), -127, 127) * s))
+    return hooks
+
+
 @contextmanager
 def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activations: bool = True, on_site=None,
               quantizers: dict | None = None):
@@ -86,9 +110,12 @@ def simulated(unet: nn.Module, table: QuantTable, weights: bool = True, activati
             elif isinstance(m, (nn.Conv2d, nn.Linear)) and table.half_precision(name):
                 saved[name] = m.weight.data.clone()
                 m.weight.data = m.weight.data.half().float()
-    handles = install_taps(unet, sim if activations else None)
     time_embedding = getattr(inner_unet(unet), "time_embedding", None)
-    if weights and table.time_embedding_table and time_embedding is not None:   # the graphs' float16 lookup table
+    tabulated = weights and table.time_embedding_table and time_embedding is not None
+    # before the taps: the projections' scales come from a [T, D] forward no site observer should see
+    handles = _projection_table_hooks(inner_unet(unet), table) if tabulated else []
+    handles += install_taps(unet, sim if activations else None)
+    if tabulated:   # the graphs' float16 lookup table
         handles.append(time_embedding.register_forward_hook(lambda m, a, out: out.half().float()))
 
     def pre(mod, args, kwargs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import onnx
@@ -112,7 +113,7 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
     QuantizeWeights(table)(model)
     BatchTimeProjections()(model)
     if table.time_embedding_table:
-        TabulateTimeEmbedding(table.num_train_timesteps)(model)
+        TabulateTimeEmbedding(table.num_train_timesteps, projections=table.time_projection_table)(model)
     prune_initializers(model.graph)
     CompactNames()(model)
     onnx.checker.check_model(model)
@@ -179,6 +180,23 @@ class ConvertConfig:
             raise QexportError(f"--mobile must be one of {', '.join(TARGETS)}, got {self.mobile!r}")
 
 
+class StageClock:
+    """Wall seconds per named stage of a long job, logged as one line at the end."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items() if v >= 0.5)
+        return f"{time.perf_counter() - self.start:.0f} s ({parts})"
+
+
 def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None, *, overwrite: bool = False,
             allow_pickle: bool = False, progress: bool = True, **options) -> Path:
     """The main job: MODEL_ID → calibrated tables → artifact folder (FP32, QDQ, integer graphs, and
@@ -225,18 +243,21 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
                   + bool(conf.mobile),
                   desc="convert", disable=not progress)
     stages.update(1)
+    clock = StageClock()
     if tables is not None:
         table = QuantTable.load(tables)
         if table.calibration.get("weights_sha256") != model.weights_sha256:
             raise QexportError(f"tables in {tables} were calibrated on other weights than {model_id}; recalibrate")
     else:
         table, _ = calibrate(model, cfg, progress=progress)
+    clock.lap("calibration")
     stages.update(1)
     if rounding == "learned" and not table.weight_int:
         from ..calibrate.rounding import RoundingConfig, learn_weight_rounding
 
         ints = learn_weight_rounding(model, table, RoundingConfig(bits=(bits,)), progress=progress)
         table = dataclasses.replace(table, weight_int=ints)
+        clock.lap("learned rounding")
         stages.update(1)
     with ArtifactWriter(out, overwrite=overwrite) as w, tempfile.TemporaryDirectory() as tmp:
         marked = marked_graph(model, Path(tmp))
@@ -247,6 +268,7 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
         stages.update(1)
         integer = build_int(qdq, standard_only=table.standard_ops_only)
         onnx.save(integer, str(w.add(INT_FILE, "int")))
+        clock.lap("export")
         guided = None
         if model.conditioned:
             from .text_artifact import probe_context
@@ -254,6 +276,7 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
             guided = (probe_context(model), model.text.guidance)
         make_probes(w.dir / QDQ_FILE, w.dir / FP32_FILE, model.scheduler_config, model.sample_shape,
                     threads, guided=guided).save(w.add(PROBES_FILE, "probes"))
+        clock.lap("probes")
         stages.update(1)
         extra = dict(tables=dict(sha256=table.digest(), sites=len(table.sites), method=table.method,
                                  zero_point=table.calibration.get("table", {}).get("zero_point"),
@@ -268,6 +291,7 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
             from .text_artifact import write_text_roles
 
             extra["text"] = write_text_roles(model, w, conf.vae_bits)
+            clock.lap("text encoder and VAE")
             extra["correction"] = dict(enabled=False, reason="not fitted for text-conditioned U-Nets")
         if correction != "off":
             from ..zoo.cost import unet_ops
@@ -279,23 +303,29 @@ def convert(model_id: str, out: str | Path, config: ConvertConfig | None = None,
                 fitted = dataclasses.replace(fitted, enabled=True)
             fitted.save(w.add(CORRECTION_FILE, "correction"))
             extra["correction"] = dict(file=CORRECTION_FILE, enabled=fitted.enabled, **fitted.fit)
+            clock.lap("ε correction")
             stages.update(1)
         if conf.static_groups:
             extra["static_groups"] = write_static_groups(marked, table, w)
+            clock.lap("static groups")
             stages.update(1)
         if conf.pipeline_graph:
             enabled = fitted if correction != "off" and fitted.enabled else None
             extra["pipeline"] = write_pipeline_graphs(integer, model, enabled, w)
+            clock.lap("pipeline graph")
             stages.update(1)
         if conf.mobile:
             extra["mobile"] = write_ort(w, conf.mobile)
+            clock.lap("mobile")
             stages.update(1)
         table.save(w.dir)
         w.add("tables.json", "tables")
         w.add("tables.safetensors", "tables")
         w.finish(**manifest_fields(model, bits=dict(weights=bits, activations=table.act_bits), groups=table.groups,
                                    method=method, extra=extra))
+        clock.lap("writing")
     stages.close()
+    log.info("convert took %s", clock.summary())
     return Path(out)
 
 

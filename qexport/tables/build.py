@@ -34,6 +34,10 @@ class TableConfig:
                                         # handful of [1, C] products (export.passes.batch_time_projections)
     tabulate_time_embedding: bool = True  # with the time branch float: the time MLP's output is looked up by t
                                           # from a float16 [T, D] table (export.passes.tabulate_time_embedding)
+    tabulate_time_projections: str = "auto"  # with it: every ResNet's time_emb_proj output too, from one int8
+                                             # [T, ΣC] table, one scale per channel (same pass): "auto" where that
+                                             # table is no larger than the float16 weights it replaces (T ≤ 2·D),
+                                             # "always", "never"
     zero_point: str = "shared"       # "shared": one zero point per site (fast integer kernels); "per-group"
     split_concat: bool = True        # quantize each part of a skip concatenation with its own range
     saturation_safe: bool = True     # integer weights no CPU kernel can saturate (tables.weights.saturation_safe)
@@ -109,6 +113,8 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
                             quantize_first_last=cfg.quantize_first_last,
                             quantize_time_branch=cfg.quantize_time_branch,
                             tabulate_time_embedding=cfg.tabulate_time_embedding and not cfg.quantize_time_branch,
+                            tabulate_time_projections=cfg.tabulate_time_projections if cfg.tabulate_time_embedding
+                            and not cfg.quantize_time_branch else "never",
                             zero_point=cfg.zero_point, split_concat=cfg.split_concat,
                             saturation_safe=cfg.saturation_safe, matmul_outputs=cfg.matmul_outputs,
                             fixed_range_below=cfg.fixed_range_below))

@@ -99,6 +99,18 @@ class QuantTable:
         (export.passes.tabulate_time_embedding); the simulation rounds it the same way."""
         return bool(self.calibration.get("table", {}).get("tabulate_time_embedding", False))
 
+    def time_projection_table(self, embedding_dim: int) -> bool:
+        """Whether the exported graphs also look every float time_emb_proj output up by t, from an int8 [T, ΣC]
+        table with one scale per channel (export.passes.tabulate_time_embedding; the simulation rounds the
+        same way), for a time embedding of `embedding_dim` D. "auto": where that table is no larger than the
+        float16 weights it replaces (T ≤ 2·D: the cifar-config U-Net, D = 512; not the shipped one, D = 128);
+        onnxruntime holds those weights as float32, so memory then falls by 4·D/T or more."""
+        mode = self.calibration.get("table", {}).get("tabulate_time_projections", "never")
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"tabulate_time_projections must be auto, always or never, got {mode!r}")
+        return self.time_embedding_table and (mode == "always" or (mode == "auto" and
+                                                                   self.num_train_timesteps <= 2 * embedding_dim))
+
     @property
     def standard_ops_only(self) -> bool:
         """Whether the integer graph keeps to standard ONNX (`matmul_outputs="quantized"`: QLinearMatMul,

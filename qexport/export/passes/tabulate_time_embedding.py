@@ -8,6 +8,14 @@ float16 `[T, D]` initializer, and replaced by `Gather(table, timestep) → Cast`
 projections broadcast over the batch. The nodes that computed e go, so the step no longer runs the
 sinusoid and the two Linears. The simulation rounds e to float16 the same way (eval.simulate).
 Size: T · D · 2 bytes per graph (shipped model 256 KB, cifar-config U-Net 1 MB).
+Rule 2 (`projections`, tables.build: `tabulate_time_projections`, by default where T ≤ 2·D): each float Gemm of SiLU(e) — after
+BatchTimeProjections, the one product of every ResNet's `time_emb_proj` — is evaluated the same way and
+replaced by `Gather(table, timestep) → DequantizeLinear(axis=1)` over an int8 `[T, N]` table with one
+symmetric scale per channel (its largest |value| over t / 127); the float16 [T, D] table, SiLU and the
+Gemm weights go. int8 rather than float16: onnxruntime keeps a Gather's table as stored but
+constant-folds the weights' float16 → float32 cast, so the product's weights cost 4 bytes each in
+memory and an int8 table of T rows costs about what they did in the file (cifar config: 1000 × 4992 B
+for 512 × 4992 float16 weights). The simulation rounds the projections the same way (eval.simulate).
 """
 
 from __future__ import annotations
@@ -21,6 +29,14 @@ from .fold_shapes import remove_dead_nodes
 from .graph_utils import producers, prune_initializers
 
 TABLE = "qx/time_embedding_table"
+PROJECTION_TABLE = "qx/time_projection_table"
+
+
+def int8_columns(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per column of a [T, N] table: (q [T, N] int8, scale [N] float32), scale = max|col| / 127."""
+    amax = np.abs(rows).max(axis=0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(rows / scale), -127, 127).astype(np.int8), scale
 
 
 def _ancestors(prod: dict, name: str) -> list[onnx.NodeProto]:
@@ -36,8 +52,11 @@ def _ancestors(prod: dict, name: str) -> list[onnx.NodeProto]:
 
 
 class TabulateTimeEmbedding:
-    def __init__(self, num_train_timesteps: int):
+    def __init__(self, num_train_timesteps: int, projections=None):
+        """`projections`: predicate on the time embedding's width D, whether to apply rule 2 (tables'
+        `time_projection_table`); None: never."""
         self.T = num_train_timesteps
+        self.projections = projections
 
     def candidates(self, g: onnx.GraphProto) -> list[str]:
         t_only, prod = t_only_tensors(g), producers(g)
@@ -68,8 +87,30 @@ class TabulateTimeEmbedding:
         g.node.insert(at, helper.make_node("Gather", [TABLE, "timestep"], [f"{TABLE}/row"], name=f"{TABLE}/gather",
                                            axis=0))
         remove_dead_nodes(g)
+        if self.projections is not None and self.projections(int(np.prod(table.shape[1:]))):
+            self._tabulate_projections(model, e)
         prune_initializers(g)
         return True
+
+    def _tabulate_projections(self, model: onnx.ModelProto, e: str) -> None:
+        g = model.graph
+        prod, outputs = producers(g), {o.name for o in g.output}
+        gemms = [n for n in g.node if n.op_type == "Gemm" and _silu_source(prod, n.input[0]) == e
+                 and n.output[0] not in outputs]
+        for k, gemm in enumerate(gemms):
+            rows = self.evaluate(model, gemm.output[0])
+            if rows is None or rows.ndim != 2:
+                continue
+            q, scale = int8_columns(rows)
+            name = f"{PROJECTION_TABLE}{'' if len(gemms) == 1 else f'/{k}'}"
+            g.initializer.extend([numpy_helper.from_array(q, name), numpy_helper.from_array(scale, f"{name}/scale")])
+            at = list(g.node).index(gemm)
+            g.node.remove(gemm)
+            g.node.insert(at, helper.make_node("DequantizeLinear", [f"{name}/row", f"{name}/scale"], [gemm.output[0]],
+                                               name=f"{name}/dequantize", axis=1))
+            g.node.insert(at, helper.make_node("Gather", [name, "timestep"], [f"{name}/row"], name=f"{name}/gather",
+                                               axis=0))
+        remove_dead_nodes(g)
 
     def evaluate(self, model: onnx.ModelProto, e: str) -> np.ndarray | None:
         """e at batch 1 for every t in [0, T): `[T, *e.shape[1:]]`, or None when e is not batch-first."""
