@@ -21,7 +21,8 @@ def test_graph_macs_equal_torch_flop_counter(tiny_artifact, tiny_pipeline_dir):
     from torch.utils.flop_counter import FlopCounterMode
 
     from qexport.eval.efficiency import graph_macs
-    from qexport.zoo.cost import time_embedding_ops
+    from qexport.tables.schema import QuantTable
+    from qexport.zoo.cost import time_embedding_dim, time_embedding_ops
     from qexport.zoo.loading import load_model
     from qexport_runtime.artifact import load_artifact
 
@@ -41,9 +42,6 @@ def test_graph_macs_equal_torch_flop_counter(tiny_artifact, tiny_pipeline_dir):
     assert time_embedding_ops(model.unet) == fc_mlp.get_total_flops() > 0
     assert time_embedding_ops(model.unet, projections=True) == fc_time.get_total_flops() > fc_mlp.get_total_flops()
     art = load_artifact(tiny_artifact)
-    from qexport.tables.schema import QuantTable
-    from qexport.zoo.cost import time_embedding_dim
-
     looked_up = fc_time if QuantTable.load(tiny_artifact).time_projection_table(time_embedding_dim(model.unet)) else fc_mlp
     for role in ("fp32", "qdq", "int"):
         macs = graph_macs(art.graph(role), model.sample_shape)

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..tables.schema import QuantTable
+from ..tables.weights import weight_scales
+from ..zoo.cost import time_embedding_dim
 from ..zoo.guidance import inner_unet
 from ..zoo.taps import install_taps, remove_taps
 
@@ -73,19 +75,15 @@ def _projection_table_hooks(unet: nn.Module, table: QuantTable) -> list:
     scale per channel, its largest |value| over t / 127 (export.passes.tabulate_time_embedding)."""
     projections = {name: m for name, m in unet.named_modules()
                    if name.endswith("time_emb_proj") and isinstance(m, nn.Linear) and table.half_precision(name)}
-    if not projections:
+    if not projections or not table.time_projection_table(time_embedding_dim(unet)):
         return []
     with torch.no_grad():
         t = torch.arange(table.num_train_timesteps)
-        e = unet.time_embedding(unet.time_proj(t).to(unet.dtype)).half().float()
-        silu = nn.functional.silu(e)
-    if not table.time_projection_table(e.shape[-1]):
-        return []
+        silu = nn.functional.silu(unet.time_embedding(unet.time_proj(t).to(unet.dtype)).half().float())
     hooks = []
     for m in projections.values():
         with torch.no_grad():
-            amax = m(silu).abs().amax(dim=0)
-        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float()
+            scale = torch.from_numpy(weight_scales(m(silu).numpy().T, 8, mse=False))   # the export's rule
         hooks.append(m.register_forward_hook(
             lambda mod, a, out, s=scale: torch.clamp(torch.round(out / s), -127, 127) * s))
     return hooks

@@ -43,21 +43,9 @@ def unet_ops(unet, sample_shape: tuple) -> float:
     return 2.0 * macs[0]
 
 
-def time_embedding_dim(unet) -> int:
-    """Width D of the time MLP's output (`time_embedding`'s last Linear), 0 without one."""
-    import torch
-
-    from .guidance import inner_unet
-
-    emb = getattr(inner_unet(unet), "time_embedding", None)
-    linears = [m for m in emb.modules() if isinstance(m, torch.nn.Linear)] if emb is not None else []
-    return linears[-1].out_features if linears else 0
-
-
-def time_embedding_ops(unet, projections: bool = False) -> float:
-    """Operations (2 × MAC) of the time MLP (`time_embedding`'s Linears) for one sample: what a graph whose
-    time embedding is a lookup table (export.passes.tabulate_time_embedding) no longer computes per step;
-    with `projections`, also every ResNet's `time_emb_proj` (looked up too: tables' time_projection_table)."""
+def _time_linears(unet, projections: bool = False) -> list:
+    """The time MLP's Linears (`time_embedding`), and with `projections` every ResNet's `time_emb_proj`;
+    [] without a time MLP."""
     import torch
 
     from .guidance import inner_unet
@@ -65,8 +53,21 @@ def time_embedding_ops(unet, projections: bool = False) -> float:
     unet = inner_unet(unet)
     emb = getattr(unet, "time_embedding", None)
     if emb is None:
-        return 0.0
+        return []
     linears = [m for m in emb.modules() if isinstance(m, torch.nn.Linear)]
     if projections:
         linears += [m for name, m in unet.named_modules() if name.endswith("time_emb_proj") and isinstance(m, torch.nn.Linear)]
-    return 2.0 * sum(m.in_features * m.out_features for m in linears)
+    return linears
+
+
+def time_embedding_dim(unet) -> int:
+    """Width D of the time MLP's output (`time_embedding`'s last Linear), 0 without one."""
+    linears = _time_linears(unet)
+    return linears[-1].out_features if linears else 0
+
+
+def time_embedding_ops(unet, projections: bool = False) -> float:
+    """Operations (2 × MAC) of the time MLP (`time_embedding`'s Linears) for one sample: what a graph whose
+    time embedding is a lookup table (export.passes.tabulate_time_embedding) no longer computes per step;
+    with `projections`, also every ResNet's `time_emb_proj` (looked up too: tables' time_projection_table)."""
+    return 2.0 * sum(m.in_features * m.out_features for m in _time_linears(unet, projections))

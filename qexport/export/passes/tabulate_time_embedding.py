@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...tables.weights import quantize_weight, weight_scales
 from .batch_time_projections import _silu_source, t_only_tensors
 from .fold_shapes import remove_dead_nodes
 from .graph_utils import producers, prune_initializers
@@ -31,12 +32,6 @@ from .graph_utils import producers, prune_initializers
 TABLE = "qx/time_embedding_table"
 PROJECTION_TABLE = "qx/time_projection_table"
 
-
-def int8_columns(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per column of a [T, N] table: (q [T, N] int8, scale [N] float32), scale = max|col| / 127."""
-    amax = np.abs(rows).max(axis=0)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    return np.clip(np.rint(rows / scale), -127, 127).astype(np.int8), scale
 
 
 def _ancestors(prod: dict, name: str) -> list[onnx.NodeProto]:
@@ -101,7 +96,8 @@ class TabulateTimeEmbedding:
             rows = self.evaluate(model, gemm.output[0])
             if rows is None or rows.ndim != 2:
                 continue
-            q, scale = int8_columns(rows)
+            scale = weight_scales(rows.T, 8, mse=False)   # per column: max|col| / 127, the weights' own rule
+            q = quantize_weight(rows.T, scale, 8).T
             name = f"{PROJECTION_TABLE}{'' if len(gemms) == 1 else f'/{k}'}"
             g.initializer.extend([numpy_helper.from_array(q, name), numpy_helper.from_array(scale, f"{name}/scale")])
             at = list(g.node).index(gemm)
