@@ -42,6 +42,7 @@ def _sample(args: argparse.Namespace) -> int:
                    steps=args.steps, batch=args.batch, seed=args.seed,
                    step_ms_median=float(np.median(res.step_seconds) * 1e3),
                    threads_used=sampler.session.threads_for(args.batch),
+                   shards=sampler.session.plan_for(args.batch).shards,
                    loop_seconds=res.loop_seconds, python_overhead=res.python_overhead,
                    cpu=kernel_path().to_dict(), check=sampler.check.to_dict() if sampler.check else None)
     (out / "sample.json").write_text(json.dumps(summary, indent=2))

@@ -154,6 +154,7 @@ def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, bat
             name=n, file=e["file"], role=e["role"], optimization=e["optimization"], step_ms_median=med * 1e3,
             step_ms_p90=float(np.percentile(per[n], 90)) * 1e3, image_ms=loop[n] / batch * 1e3,
             load_ms=e["session"].load_ms, threads_used=e["session"].threads_for(batch),
+            shards=e["session"].plan_for(batch).shards,
             peak_rss_mb=fresh_process_peak(Path(e["file"]), shape, min(steps, 5), threads,
                                            e["optimization"]) if memory else None,
             bytes=Path(e["file"]).stat().st_size,
@@ -173,13 +174,14 @@ def table(report: dict) -> str:
              f"{'graph':<34} {'step ms':>8} {'p90':>8} {'ms/img':>9} {'load ms':>8} {'peak MB':>8} {'MB file':>8} "
              f"{'loop %':>6} {'x fp32':>7} {'thr':>3} check",
              "(x fp32: against the fastest FP32 row; @all = onnxruntime's default optimization level; thr: "
-             "intra-op threads run, 'all' = every core)"]
+             "intra-op threads run, 'all' = every core; 1x2: the batch in two shards at once, one thread each)"]
     for r in report["results"]:
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
         sp = f"{r['speedup_vs_fp32']:.2f}" if r["speedup_vs_fp32"] else "-"
+        thr = f"{r.get('threads_used') or 'all'}" + (f"x{r['shards']}" if r.get("shards", 1) > 1 else "")
         lines.append(f"{r['name']:<34} {r['step_ms_median']:>8.2f} {r['step_ms_p90']:>8.2f} {r['image_ms']:>9.1f} "
                      f"{r['load_ms']:>8.0f} {rss:>8} {r['bytes'] / 1e6:>8.2f} {r['loop_overhead_pct']:>6.1f} {sp:>7} "
-                     f"{r.get('threads_used') or 'all':>3} "
+                     f"{thr:>3} "
                      f"{'-' if r.get('check') is None else ('ok' if r['check']['ok'] else 'DEVIATES')}")
     return "\n".join(lines)
 

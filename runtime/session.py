@@ -7,11 +7,15 @@ optimizations) load only with `trusted=True`; `__call__(sample, t, context=None)
 prediction (a view of the reused output buffer: copy it if you keep it across steps). A text-conditioned
 U-Net's graph has a third input, `encoder_hidden_states [batch, L, D]` (`context`).
 
-`threads=None` picks the thread count by measurement: over the first calls of each batch size, a graph
+`threads=None` picks how to run by measurement: over the first calls of each batch size, a graph
 whose call takes under `AUTO_THREADS_MAX_MS` on every physical core is run alternately on one thread
-too (real calls, no extra work), and then runs on the faster (`threads_used`; the second session is
-loaded only for such a small graph). A small U-Net's kernels are too short to share: the shipped int8 graph on a 2-core
-Zen 4 runs ×1.12–1.22 faster on one thread at B=1 and B=8, its FP32 graph faster on two at B=8.
+and, for a batch of two or more, as one shard of the batch per core, each on its own one-thread
+session, all at once (real calls, no extra work); it then runs on the fastest (`plan_for(batch)`:
+intra-op threads × shards; the extra sessions are loaded only for such a small graph). A small U-Net's
+kernels are too short to share: the shipped int8 graph on a 2-core Zen 4 runs ×1.12–1.22 faster on one
+thread than on two, and on a 2-core Zen 5 its B=8 call takes 2.2 ms as two concurrent shards of 4
+against 3.5 ms on one thread (FP32: 3.6 against 5.3 on two threads). Samples are independent in
+every graph, so no plan changes an output.
 
 The first `session_options()` call pins glibc's mmap threshold (see `pin_mmap_threshold`): without
 it the original weights onnxruntime frees after prepacking them stay in the heap, and the int8 graph's
@@ -25,6 +29,8 @@ import functools
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +42,15 @@ from .artifact import ArtifactError
 AUTO_THREADS_MAX_MS = 20.0    # slower calls run on every core (cifar-config int8 B=1, ~30 ms: ×1.42 on 2 threads)
 AUTO_THREADS_WARMUP = 3       # untimed calls per candidate (a new session's first calls are slow)
 AUTO_THREADS_CALLS = 5        # timed calls per candidate; the faster best call wins (interference only adds time)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call runs: `shards` parts of the batch at once, each on a session of `threads` intra-op
+    threads (None: onnxruntime's own count)."""
+
+    threads: int | None
+    shards: int = 1
 
 
 @functools.cache
@@ -141,9 +156,11 @@ class UNetSession:
         self.output_name = self.session.get_outputs()[0].name
         self._out: np.ndarray | None = None
         self._t = np.zeros((1,), dtype=np.int64)
-        self._bound = {threads: _Bound(self.session)}
-        self.threads_used: dict[int, int | None] = {}   # batch size -> intra-op threads (None: onnxruntime's)
-        self._trials: dict[int, list[tuple[int | None, float]]] = {}
+        self._bound = {threads: _Bound(self.session)}   # intra-op threads -> session over a whole batch
+        self._shard_bounds: list[_Bound] = []           # one-thread sessions beside _bound[1], for shards
+        self._pool: ThreadPoolExecutor | None = None
+        self.plans: dict[int, Plan] = {}                # batch size -> how its calls run
+        self._trials: dict[int, list[tuple[Plan, float]]] = {}
 
     def _load(self, threads: int | None) -> ort.InferenceSession:
         try:
@@ -154,29 +171,47 @@ class UNetSession:
             raise ArtifactError(f"{self.path}: onnxruntime cannot load this graph ({reason}); copy the artifact "
                                 f"again or re-export it") from None
 
-    def threads_for(self, batch: int) -> int | None:
-        """The intra-op threads this batch size runs on (the every-core session while still choosing)."""
-        return self.threads_used.get(batch, next(iter(self._bound)))
+    def plan_for(self, batch: int) -> Plan:
+        """How this batch size runs (the every-core session while still choosing)."""
+        return self.plans.get(batch, Plan(next(iter(self._bound))))
 
-    def _next(self, batch: int) -> tuple[int | None, bool]:
-        """(threads of the session to run this call on, whether the call is a timed trial)."""
-        if batch in self.threads_used:
-            return self.threads_used[batch], False
-        first = next(iter(self._bound))
+    def threads_for(self, batch: int) -> int | None:
+        """The intra-op threads of each session this batch size runs on."""
+        return self.plan_for(batch).threads
+
+    def _candidates(self, batch: int) -> list[Plan]:
+        first = Plan(next(iter(self._bound)))
+        shards = min(physical_cores(), batch)
+        return [first, Plan(1)] + ([Plan(1, shards)] if shards > 1 else [])
+
+    def _next(self, batch: int) -> tuple[Plan, bool]:
+        """(the plan to run this call on, whether the call is a timed trial)."""
+        if batch in self.plans:
+            return self.plans[batch], False
+        first = Plan(next(iter(self._bound)))
         trials = self._trials.setdefault(batch, [])
         if not self._auto or (len(trials) == 2 and trials[1][1] * 1e3 >= AUTO_THREADS_MAX_MS):
-            self.threads_used[batch] = first
+            self.plans[batch] = first
             return first, False
         if len(trials) < 2:                 # a warm-up, then one call to see whether the graph is small
             return first, True
-        if 1 not in self._bound:
-            self._bound[1] = _Bound(self._load(1))
-        runs = {k: [dt for kk, dt in trials[2:] if kk == k] for k in self._bound}
+        candidates = self._candidates(batch)
+        runs = {p: [dt for pp, dt in trials[2:] if pp == p] for p in candidates}
         if all(len(v) >= AUTO_THREADS_WARMUP + AUTO_THREADS_CALLS for v in runs.values()):
-            self.threads_used[batch] = min(runs, key=lambda k: min(runs[k][AUTO_THREADS_WARMUP:]))
+            self.plans[batch] = min(runs, key=lambda p: min(runs[p][AUTO_THREADS_WARMUP:]))
             del self._trials[batch]
-            return self.threads_used[batch], False
-        return list(self._bound)[len(trials) % len(self._bound)], True
+            return self.plans[batch], False
+        return candidates[len(trials) % len(candidates)], True
+
+    def _sessions(self, plan: Plan) -> list[_Bound]:
+        """The sessions a plan runs on (loaded the first time it is tried)."""
+        if plan.threads not in self._bound:
+            self._bound[plan.threads] = _Bound(self._load(plan.threads))
+        if plan.shards == 1:
+            return [self._bound[plan.threads]]
+        while len(self._shard_bounds) < plan.shards - 1:
+            self._shard_bounds.append(_Bound(self._load(1)))
+        return [self._bound[1], *self._shard_bounds[:plan.shards - 1]]
 
     def __call__(self, sample: np.ndarray, timestep: int, context: np.ndarray | None = None) -> np.ndarray:
         sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -201,25 +236,42 @@ class UNetSession:
             self._out = np.empty_like(sample)
         self._t[0] = timestep
         feeds = dict(sample=sample, timestep=self._t, **({} if context is None else {"encoder_hidden_states": context}))
-        threads, trial = self._next(sample.shape[0])
+        plan, trial = self._next(sample.shape[0])
         t0 = time.perf_counter()
-        self._run(self._bound[threads], feeds)
+        self._run(plan, feeds)
         if trial:
-            self._trials[sample.shape[0]].append((threads, time.perf_counter() - t0))
+            self._trials[sample.shape[0]].append((plan, time.perf_counter() - t0))
         return self._out
 
-    def _run(self, bound: _Bound, feeds: dict[str, np.ndarray]) -> None:
-        if bound.out is not self._out:
-            bound.binding.bind_output(self.output_name, "cpu", 0, np.float32, list(self._out.shape),
-                                      self._out.ctypes.data)
-            bound.out = self._out
-        for name, value in feeds.items():
-            bound.binding.bind_cpu_input(name, value)
-        bound.session.run_with_iobinding(bound.binding)
+    def _run(self, plan: Plan, feeds: dict[str, np.ndarray]) -> None:
+        sessions = self._sessions(plan)
+        if len(sessions) == 1:
+            sessions[0].run(self.output_name, self._out, feeds)
+            return
+        edges = np.linspace(0, len(self._out), len(sessions) + 1).round().astype(int)
+        parts = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+        shard = [{k: v if k == "timestep" else v[p] for k, v in feeds.items()} for p in parts]
+        if self._pool is None:   # shards never outnumber the physical cores
+            self._pool = ThreadPoolExecutor(physical_cores() - 1, thread_name_prefix="qexport-shard")
+        pending = [self._pool.submit(b.run, self.output_name, self._out[p], f)
+                   for b, p, f in zip(sessions[1:], parts[1:], shard[1:])]
+        sessions[0].run(self.output_name, self._out[parts[0]], shard[0])   # onnxruntime frees the GIL while it runs
+        for f in pending:
+            f.result()
 
 
 class _Bound:
     """One onnxruntime session with its IO binding and the output buffer bound to it."""
 
     def __init__(self, session: ort.InferenceSession):
-        self.session, self.binding, self.out = session, session.io_binding(), None
+        self.session, self.binding, self._out_key = session, session.io_binding(), None
+
+    def run(self, output_name: str, out: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
+        """Run on `feeds` into `out` (C-contiguous float32; rebound only when its memory or shape changes)."""
+        key = (out.ctypes.data, out.shape)
+        if key != self._out_key:
+            self.binding.bind_output(output_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            self._out_key = key
+        for name, value in feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(self.binding)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 FIELDS = {"name", "file", "role", "step_ms_median", "step_ms_p90", "image_ms", "load_ms", "peak_rss_mb", "bytes",
-          "speedup_vs_fp32", "threads_used"}
+          "speedup_vs_fp32", "threads_used", "shards"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_bench_writes_table_and_json(small_artifact, tmp_path, entry):
     for row in report["results"]:
         assert FIELDS <= set(row)
         assert row["step_ms_median"] > 0 and row["peak_rss_mb"] > 10 and row["bytes"] > 0
-        assert row["threads_used"] == 1   # --threads 1 is kept, not re-chosen
+        assert row["threads_used"] == 1 and row["shards"] == 1   # --threads 1 is kept, not re-chosen
     fp32 = [row for row in report["results"] if row["role"] == "fp32"]   # × FP32 is against the faster of the two
     assert max(row["speedup_vs_fp32"] for row in fp32) == pytest.approx(1.0)
     assert min(row["speedup_vs_fp32"] for row in fp32) <= 1.0 and all(row["check"] is None for row in fp32)

@@ -1,14 +1,19 @@
-"""UNetSession's thread choice: `threads=None` times a small graph on every core and on one thread and
-runs on the faster, without changing any output; explicit threads and slow graphs are left alone."""
+"""UNetSession's plan choice: `threads=None` times a small graph on every core, on one thread and (for a
+batch of two or more) as one concurrent shard per core, and runs on the fastest, without changing any
+output; explicit threads and slow graphs are left alone."""
 
 import numpy as np
 import pytest
 
 from qexport_runtime import session as session_module
 from qexport_runtime.artifact import load_artifact
-from qexport_runtime.session import AUTO_THREADS_CALLS, AUTO_THREADS_WARMUP, UNetSession, physical_cores
+from qexport_runtime.session import AUTO_THREADS_CALLS, AUTO_THREADS_WARMUP, Plan, UNetSession, physical_cores
 
-DECIDED_AFTER = 2 + 2 * (AUTO_THREADS_WARMUP + AUTO_THREADS_CALLS)
+
+def decided_after(batch: int) -> int:
+    """Calls until a batch size's plan is chosen: a warm-up, a size probe, then every candidate's trials."""
+    candidates = 3 if batch > 1 else 2
+    return 2 + candidates * (AUTO_THREADS_WARMUP + AUTO_THREADS_CALLS)
 
 
 @pytest.fixture
@@ -16,28 +21,46 @@ def int_graph(tiny_artifact):
     return load_artifact(tiny_artifact).graph("int")
 
 
-
-def test_auto_threads_choose_per_batch_and_keep_outputs(int_graph):
+def test_auto_plan_chosen_per_batch_and_keeps_outputs(int_graph):
     if physical_cores() < 2:
         pytest.skip("one physical core: there is no thread count to choose")
     auto, one = UNetSession(int_graph), UNetSession(int_graph, threads=1)
     shape = auto.sample_dims[1:]
+    cores = physical_cores()
     for batch in (1, 3):
         x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
         ref = one(x, 500).copy()
-        for i in range(DECIDED_AFTER + 1):
+        for i in range(decided_after(batch) + 1):
             np.testing.assert_allclose(auto(x, 500 - i), one(x, 500 - i), atol=1e-5)
-        assert batch in auto.threads_used and auto.threads_used[batch] in (1, physical_cores())
+        allowed = {Plan(cores), Plan(1)} | ({Plan(1, min(cores, batch))} if batch > 1 else set())
+        assert auto.plans[batch] in allowed
         np.testing.assert_allclose(auto(x, 500), ref, atol=1e-5)
-    assert set(auto._bound) == {1, physical_cores()}
+    assert set(auto._bound) == {1, cores} and len(auto._shard_bounds) == min(cores, 3) - 1
+
+
+def test_every_shard_plan_gives_the_whole_batch_output(int_graph):
+    """Forced to each plan, a batch split into shards (uneven ones too) gives the one-session output."""
+    if physical_cores() < 2:
+        pytest.skip("one physical core: there is nothing to shard across")
+    one = UNetSession(int_graph, threads=1)
+    for batch in (2, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, *one.sample_dims[1:])).astype(np.float32)
+        ref = one(x, 321).copy()
+        sharded = UNetSession(int_graph)
+        sharded.plans[batch] = Plan(1, min(physical_cores(), batch))
+        out = sharded(x, 321)
+        assert len(sharded._shard_bounds) == min(physical_cores(), batch) - 1
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        assert np.abs(out).max() > 0.1   # every shard wrote its rows
+        np.testing.assert_allclose(sharded(x[::-1].copy(), 321), ref[::-1], atol=1e-5)
 
 
 def test_slow_graphs_and_explicit_threads_use_one_session(int_graph, monkeypatch):
     monkeypatch.setattr(session_module, "AUTO_THREADS_MAX_MS", 0.0)   # every call counts as slow
     auto, two = UNetSession(int_graph), UNetSession(int_graph, threads=2)
     x = np.random.default_rng(0).standard_normal((2, *auto.sample_dims[1:])).astype(np.float32)
-    for i in range(DECIDED_AFTER + 1):
+    for i in range(decided_after(2) + 1):
         auto(x, 400)
         two(x, 400)
-    assert auto.threads_used == {2: physical_cores()} and len(auto._bound) == 1
-    assert two.threads_used == {2: 2} and len(two._bound) == 1
+    assert auto.plans == {2: Plan(physical_cores())} and len(auto._bound) == 1 and not auto._shard_bounds
+    assert two.plans == {2: Plan(2)} and len(two._bound) == 1 and not two._shard_bounds
