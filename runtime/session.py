@@ -255,9 +255,11 @@ class UNetSession:
             self._pool = ThreadPoolExecutor(physical_cores() - 1, thread_name_prefix="qexport-shard")
         pending = [self._pool.submit(b.run, self.output_name, self._out[p], f)
                    for b, p, f in zip(sessions[1:], parts[1:], shard[1:])]
-        sessions[0].run(self.output_name, self._out[parts[0]], shard[0])   # onnxruntime frees the GIL while it runs
-        for f in pending:
-            f.result()
+        try:
+            sessions[0].run(self.output_name, self._out[parts[0]], shard[0])   # onnxruntime frees the GIL meanwhile
+        finally:   # no shard still writing into the output when this call returns or raises
+            for f in pending:
+                f.result()
 
 
 class _Bound:
