@@ -157,6 +157,7 @@ class UNetSession:
         self._out: np.ndarray | None = None
         self._t = np.zeros((1,), dtype=np.int64)
         self._bound = {threads: _Bound(self.session)}   # intra-op threads -> session over a whole batch
+        self._first = Plan(threads)                     # every core (or the threads asked for), whole batch
         self._shard_bounds: list[_Bound] = []           # one-thread sessions beside _bound[1], for shards
         self._pool: ThreadPoolExecutor | None = None
         self.plans: dict[int, Plan] = {}                # batch size -> how its calls run
@@ -173,22 +174,21 @@ class UNetSession:
 
     def plan_for(self, batch: int) -> Plan:
         """How this batch size runs (the every-core session while still choosing)."""
-        return self.plans.get(batch, Plan(next(iter(self._bound))))
+        return self.plans.get(batch, self._first)
 
     def threads_for(self, batch: int) -> int | None:
         """The intra-op threads of each session this batch size runs on."""
         return self.plan_for(batch).threads
 
     def _candidates(self, batch: int) -> list[Plan]:
-        first = Plan(next(iter(self._bound)))
         shards = min(physical_cores(), batch)
-        return [first, Plan(1)] + ([Plan(1, shards)] if shards > 1 else [])
+        return [self._first, Plan(1)] + ([Plan(1, shards)] if shards > 1 else [])
 
     def _next(self, batch: int) -> tuple[Plan, bool]:
         """(the plan to run this call on, whether the call is a timed trial)."""
         if batch in self.plans:
             return self.plans[batch], False
-        first = Plan(next(iter(self._bound)))
+        first = self._first
         trials = self._trials.setdefault(batch, [])
         if not self._auto or (len(trials) == 2 and trials[1][1] * 1e3 >= AUTO_THREADS_MAX_MS):
             self.plans[batch] = first
