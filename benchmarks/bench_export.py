@@ -200,8 +200,9 @@ def plot_profile(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     peak = result["gemm_peak"]
-    lines = [f"# Exporter benchmark ({result['machine']['cpu']}, int8 path {result['machine']['isa']}, "
-             f"{result['threads']} threads, onnxruntime {result['machine']['onnxruntime']})", "",
+    m = result["machine"]
+    lines = [f"# Exporter benchmark ({m['cpu']}, int8 path {m['isa']}, {result['threads']} threads "
+             f"(waiting {m.get('wait_policy', 'passive')}), onnxruntime {m['onnxruntime']})", "",
              "Graphs: `ours_int` the default integer graph (saturation-safe weights, conv_in/conv_out float, "
              "conv inputs at one range over t (constant int32 biases), "
              "time branch float and batched, time embedding looked up by t, Linear/attention products and "

@@ -26,7 +26,7 @@ from .cpu import kernel_path
 from .probes import self_check
 from .sampler import initial_noise
 from .schedulers import make_scheduler
-from .session import UNetSession
+from .session import UNetSession, wait_policy
 
 
 def machine_info() -> dict:
@@ -44,7 +44,7 @@ def machine_info() -> dict:
     path = kernel_path()
     return dict(cpu=cpu, arch=platform.machine(), cores=os.cpu_count(), onnxruntime=ort.__version__,
                 providers=ort.get_available_providers(), python=platform.python_version(), isa=path.isa,
-                int8_kernel_path=path.u8s8, int8_path_saturates=path.saturates)
+                int8_kernel_path=path.u8s8, int8_path_saturates=path.saturates, wait_policy=wait_policy())
 
 
 def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -170,7 +170,7 @@ def table(report: dict) -> str:
     mi, st = report["machine"], report["settings"]
     lines = [f"{mi['cpu']} ({mi['arch']}, {mi['cores']} cores), onnxruntime {mi['onnxruntime']}; "
              f"{st['steps']} {st['scheduler']} steps, batch {st['batch']}, threads {st['threads'] or 'auto'}; "
-             f"int8 path {mi['isa']}",
+             f"int8 path {mi['isa']}; threads wait {mi.get('wait_policy', 'passive')}",
              f"{'graph':<34} {'step ms':>8} {'p90':>8} {'ms/img':>9} {'load ms':>8} {'peak MB':>8} {'MB file':>8} "
              f"{'loop %':>6} {'x fp32':>7} {'thr':>3} check",
              "(x fp32: against the fastest FP32 row; @all = onnxruntime's default optimization level; thr: "

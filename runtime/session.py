@@ -17,6 +17,13 @@ thread than on two, and on a 2-core Zen 5 its B=8 call takes 2.2 ms as two concu
 against 3.5 ms on one thread (FP32: 3.6 against 5.3 on two threads). Samples are independent in
 every graph, so no plan changes an output.
 
+Waiting threads block by default (`QEXPORT_WAIT_POLICY=passive`). `QEXPORT_WAIT_POLICY=active` (as
+OpenMP's OMP_WAIT_POLICY) lets onnxruntime's intra-op threads spin between the kernels of a call and
+stop when the call returns: the many short kernels of a B=1 step then skip a thread wake-up each
+(cifar-config int8 B=1, 2-core Zen 5: 14.4 → 11.9 ms), but when another process wants the cores a
+spinning thread takes its time slice (same graph beside one busy process: 19.3 → 37.2 ms). For a
+device that runs nothing else during sampling.
+
 The first `session_options()` call pins glibc's mmap threshold (see `pin_mmap_threshold`): without
 it the original weights onnxruntime frees after prepacking them stay in the heap, and the int8 graph's
 peak RSS carries its weights twice.
@@ -78,6 +85,18 @@ OPTIMIZATION_LEVELS = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDE
 
 
 MMAP_THRESHOLD = 64 * 1024
+WAIT_POLICY_ENV = "QEXPORT_WAIT_POLICY"
+WAIT_POLICIES = ("passive", "active")
+
+
+def wait_policy() -> str:
+    """How idle intra-op threads wait, from QEXPORT_WAIT_POLICY: "passive" (block; the default) or "active"
+    (spin while a call runs, stop when it returns)."""
+    value = os.environ.get(WAIT_POLICY_ENV, "passive").strip().lower() or "passive"
+    if value not in WAIT_POLICIES:
+        raise ValueError(f"{WAIT_POLICY_ENV}={os.environ[WAIT_POLICY_ENV]!r} is not one of {', '.join(WAIT_POLICIES)}; "
+                         f"unset it or set it to passive (the default) or active")
+    return value
 
 
 @functools.cache
@@ -109,12 +128,15 @@ def session_options(threads: int | None = None, emulate: bool = False, optimizat
     # EXTENDED by default: for the integer graphs ALL's layout rewrites add ~100 Transposes for no gain
     # (measured 2-4% slower, AVX2 within noise); for an FP32 graph on x86 ALL's NCHWc convolutions are
     # faster (AVX2 Zen 3: cifar-config ×1.13-1.15, shipped ×1.55) at ×1.6 its peak RSS, so FP32 comparisons are made against both
-    # (benchmarks/bench_export.py). Spinning threads cost 1.8x on a shared 2-core board.
+    # (benchmarks/bench_export.py).
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"optimization level {optimization!r} is not one of {sorted(OPTIMIZATION_LEVELS)}")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if emulate \
         else OPTIMIZATION_LEVELS[optimization]
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    active = wait_policy() == "active"   # spinning costs ×1.9 on a 2-core board another process also uses
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if active else "0")
+    if active:   # …and keeps the cores awake between steps unless it stops when each call returns
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3  # errors only: ORT's optimizer notes are not the user's concern
     return so
 

@@ -64,3 +64,34 @@ def test_slow_graphs_and_explicit_threads_use_one_session(int_graph, monkeypatch
         two(x, 400)
     assert auto.plans == {2: Plan(physical_cores())} and len(auto._bound) == 1 and not auto._shard_bounds
     assert two.plans == {2: Plan(2)} and len(two._bound) == 1 and not two._shard_bounds
+
+
+def test_wait_policy_spins_only_when_asked_and_changes_no_output(int_graph, monkeypatch):
+    """QEXPORT_WAIT_POLICY=active: threads spin during a call and stop when it returns; the default blocks."""
+    from qexport_runtime.session import session_options
+
+    x = np.random.default_rng(0).standard_normal((2, *UNetSession(int_graph).sample_dims[1:])).astype(np.float32)
+    outputs = {}
+    for policy, spin in (("passive", "0"), ("active", "1"), (" Active ", "1")):
+        monkeypatch.setenv("QEXPORT_WAIT_POLICY", policy)
+        so = session_options(2)
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == spin
+        if spin == "1":
+            assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+        outputs[policy] = UNetSession(int_graph, threads=2)(x, 321).copy()
+    monkeypatch.delenv("QEXPORT_WAIT_POLICY")
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_array_equal(outputs["passive"], outputs["active"])
+
+    monkeypatch.setenv("QEXPORT_WAIT_POLICY", "busy")
+    with pytest.raises(ValueError, match="QEXPORT_WAIT_POLICY='busy' is not one of passive, active"):
+        session_options(2)
+
+
+def test_cli_names_a_bad_wait_policy_in_one_line(tiny_artifact, monkeypatch, capsys):
+    from qexport_runtime.__main__ import main
+
+    monkeypatch.setenv("QEXPORT_WAIT_POLICY", "spin")
+    assert main(["bench", str(tiny_artifact), "--steps", "2", "--no-memory"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "QEXPORT_WAIT_POLICY='spin'" in err[0] and "passive" in err[0]
