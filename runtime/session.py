@@ -20,10 +20,11 @@ every graph, so no plan changes an output.
 Waiting threads block by default (`QEXPORT_WAIT_POLICY=passive`). `QEXPORT_WAIT_POLICY=active` (as
 OpenMP's OMP_WAIT_POLICY) lets onnxruntime's intra-op threads spin between the kernels of a call and
 stop when the call returns: the many short kernels of a B=1 step then skip a thread wake-up each
-(cifar-config int8 B=1, 2-core Zen 5: 14.4 → 11.9 ms), but when another process wants the cores a
-spinning thread takes its time slice (same graph beside one busy process: 19.3 → 37.2 ms), and a graph
-as small as the shipped one gains nothing (its sharded B=8 steps lose ×0.85–0.9). For a device that runs
-nothing else during sampling, with a U-Net of cifar-config size or larger.
+(cifar-config int8 B=1, 2-core Zen 5: 14.4 → 12.0 ms), but when another process wants the cores a
+spinning thread takes its time slice (same graph beside one busy process: 20.0 → 38.4 ms;
+benchmarks/bench_wait_policy.py), and a graph as small as the shipped one gains nothing on its own
+plans (one thread, shards). For a device that runs nothing else while it samples a U-Net of
+cifar-config size or larger.
 
 The first `session_options()` call pins glibc's mmap threshold (see `pin_mmap_threshold`): without
 it the original weights onnxruntime frees after prepacking them stay in the heap, and the int8 graph's
