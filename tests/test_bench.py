@@ -2,6 +2,7 @@
 (Timings are never asserted: the machine is shared and noisy; see benchmarks/.)"""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,34 @@ def test_peak_is_the_best_round_of_the_faster_probe():
     peak = peak_of(fake, times)
     assert peak["int8_matmul_gops"] == 4.0 and peak["int8_conv_gops"] == 5.0 and peak["int8_gops"] == 5.0
     assert peak["fp32_gops"] == 1.0
+
+
+def test_wait_policy_benchmark_times_both_policies_and_restores_the_environment(tiny_artifact, tmp_path, monkeypatch):
+    """benchmarks/bench_wait_policy.py: one session per policy per graph (its options really spin or not),
+    every graph timed under both, idle and beside a busy process; the caller's policy is left as it was."""
+    monkeypatch.delenv("QEXPORT_WAIT_POLICY", raising=False)
+    out = tmp_path / "res"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_wait_policy.py"), f"{tiny_artifact}:int,fp32",
+                    "--batch", "1", "2", "--rounds", "2", "--busy-rounds", "1", "--out", str(out), "--tag", "_t"],
+                   check=True, capture_output=True, text=True)
+    r = json.loads((out / "wait_policy_t.json").read_text())
+    names = [g["name"] for g in r["graphs"]]
+    assert len(names) == 2 and set(r["idle"]) == {"1", "2"} and set(r["busy"]) == {"1"}
+    for times in [*r["idle"].values(), *r["busy"].values()]:
+        assert set(times) == {f"{n}|{p}" for n in names for p in ("passive", "active")}
+        assert all(v > 0 for v in times.values())
+    assert set(r["cpu_between_calls"]) == {"passive", "active"}
+    md = (out / "wait_policy_t.md").read_text()
+    assert md.count("| idle |") == 4 and md.count("| busy |") == 2
+
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import bench_wait_policy as bw
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    made = bw.sessions(bw.graphs([f"{tiny_artifact}:int"]), threads=2)
+    spin = {p: s.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for (_, p), s in made.items()}
+    assert spin == {"passive": "0", "active": "1"}
+    assert "QEXPORT_WAIT_POLICY" not in os.environ
