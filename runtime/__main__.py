@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .cpu import kernel_path
 from .oneline_argparse import OneLineParser
 from .images import grid, write_png
 from .schedulers import SCHEDULERS
+from .session import WAIT_POLICIES, WAIT_POLICY_ENV, wait_policy
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -42,7 +44,7 @@ def _sample(args: argparse.Namespace) -> int:
                    steps=args.steps, batch=args.batch, seed=args.seed,
                    step_ms_median=float(np.median(res.step_seconds) * 1e3),
                    threads_used=sampler.session.threads_for(args.batch),
-                   shards=sampler.session.plan_for(args.batch).shards,
+                   shards=sampler.session.plan_for(args.batch).shards, wait_policy=wait_policy(),
                    loop_seconds=res.loop_seconds, python_overhead=res.python_overhead,
                    cpu=kernel_path().to_dict(), check=sampler.check.to_dict() if sampler.check else None)
     (out / "sample.json").write_text(json.dumps(summary, indent=2))
@@ -142,11 +144,24 @@ def add_trust_argument(p: argparse.ArgumentParser) -> None:
                    help="the artifact comes from a trusted source: allow .ort graphs (saved runtime optimizations)")
 
 
+def add_threads_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--wait-policy", choices=WAIT_POLICIES, default=None,
+                   help="how idle onnxruntime threads wait: passive blocks (the default), active spins while a step "
+                        f"runs (faster where nothing else runs; sets {WAIT_POLICY_ENV})")
+
+
+def use_wait_policy(args: argparse.Namespace) -> None:
+    """--wait-policy, for every session this command makes (it outranks the environment's)."""
+    if getattr(args, "wait_policy", None):
+        os.environ[WAIT_POLICY_ENV] = args.wait_policy
+
+
 def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, default=None)
+    add_threads_arguments(b)
     b.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     b.add_argument("--graphs", help="comma-separated roles to run (default: int or qdq, fp32, and fp32@all: the FP32 graph at "
                    "onnxruntime's default optimization level)")
@@ -174,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(s, "folder for samples.png, samples.npy, sample.json", batch=16)
     s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     s.add_argument("--graph", default=None, help="graph role to run (int, qdq, fp32); default: fastest present")
-    s.add_argument("--threads", type=int, default=None)
+    add_threads_arguments(s)
     s.add_argument("--correction", choices=["auto", "on", "off"], default="auto",
                    help="the artifact's per-step ε correction: auto = as the artifact says (default)")
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the PNG grid")
@@ -190,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(exit 1 when the integer graph deviates)")
     c.add_argument("artifact")
     c.add_argument("--graph", default=None, help="graph role to check (default: the integer graph)")
-    c.add_argument("--threads", type=int, default=None)
+    add_threads_arguments(c)
     c.add_argument("--json", help="write the result here")
     add_trust_argument(c)
     c.set_defaults(func=_check)
     g = sub.add_parser("generate", help="images from the artifact's one-call pipeline graph (convert --pipeline-graph)")
     add_generation_arguments(g, "folder for images.npy (and image0.png), generate.json", batch=1)
-    g.add_argument("--threads", type=int, default=None)
+    add_threads_arguments(g)
     g.add_argument("--png", action="store_true", help="use the PNG variant (needs onnxruntime-extensions)")
     g.set_defaults(func=_generate)
     add_bench_arguments(sub.add_parser("bench", help="latency, memory and size of an artifact's graphs"))
@@ -206,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        use_wait_policy(args)
         return args.func(args)
     except (ArtifactError, ValueError) as e:
         if args.debug:

@@ -2,6 +2,8 @@
 batch of two or more) as one concurrent shard per core, and runs on the fastest, without changing any
 output; explicit threads and slow graphs are left alone."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,23 @@ def test_cli_names_a_bad_wait_policy_in_one_line(tiny_artifact, monkeypatch, cap
     assert main(["bench", str(tiny_artifact), "--steps", "2", "--no-memory"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "QEXPORT_WAIT_POLICY='spin'" in err[0] and "passive" in err[0]
+
+
+def test_wait_policy_flag_reaches_every_session_and_the_reports(tiny_artifact, tmp_path, monkeypatch):
+    """--wait-policy (runtime and qexport CLIs) outranks QEXPORT_WAIT_POLICY; bench and sample JSON name it."""
+    from qexport_runtime.__main__ import main
+
+    monkeypatch.setenv("QEXPORT_WAIT_POLICY", "passive")   # restored after the test
+    assert main(["bench", str(tiny_artifact), "--steps", "2", "--no-memory", "--wait-policy", "active",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["machine"]["wait_policy"] == "active"
+    monkeypatch.setenv("QEXPORT_WAIT_POLICY", "active")
+    assert main(["sample", str(tiny_artifact), "--steps", "2", "--batch", "1", "-o", str(tmp_path / "s"),
+                 "--wait-policy", "passive"]) == 0
+    assert json.loads((tmp_path / "s" / "sample.json").read_text())["wait_policy"] == "passive"
+    pytest.importorskip("torch", reason="the qexport CLI is the toolchain's")
+    from qexport.cli.main import main as qexport_main
+
+    assert qexport_main(["bench", str(tiny_artifact), "--steps", "2", "--no-memory", "--wait-policy", "active",
+                         "--json", str(tmp_path / "q.json")]) == 0
+    assert json.loads((tmp_path / "q.json").read_text())["machine"]["wait_policy"] == "active"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from qexport_runtime.__main__ import add_bench_arguments
+from qexport_runtime.__main__ import add_bench_arguments, use_wait_policy
 
 from .base import Command
 
 
 def _run(args: argparse.Namespace) -> int:
+    use_wait_policy(args)
     return args.func(args)
 
 
