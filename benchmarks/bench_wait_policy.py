@@ -34,14 +34,15 @@ BUSY = "while True:\n    pass\n"   # another app on one core; killed when the ti
 def graphs(items: list[str]) -> list[tuple[str, Path, str]]:
     """(name, graph path, optimization level) for each ART[:ROLE[@LEVEL]]."""
     from qexport_runtime.artifact import load_artifact
+    from qexport_runtime.bench import role_and_level
 
     out = []
     for item in items:
         folder, _, spec = item.partition(":")
         art = load_artifact(folder)
         for s in spec.split(",") if spec else ["int", "fp32", "fp32@all"]:
-            role, _, level = s.partition("@")
-            out.append((f"{Path(folder).name}:{s}", art.graph(role), level or "extended"))
+            role, level = role_and_level(s)
+            out.append((f"{Path(folder).name}:{s}", art.graph(role), level))
     return out
 
 

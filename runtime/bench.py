@@ -104,6 +104,12 @@ def bench(artifacts: list[str], roles: list[str] | None = None, **options) -> di
     return bench_graphs(graphs, **options)
 
 
+def role_and_level(spec: str) -> tuple[str, str]:
+    """`fp32@all` → ("fp32", "all"): a graph role and onnxruntime's optimization level (default "extended")."""
+    role, _, level = spec.partition("@")
+    return role, level or "extended"
+
+
 def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, batch: int = 1,
                  threads: int | None = None, warmup: int = 3, scheduler: str = "ddim", memory: bool = True,
                  strict: bool = False, trusted: bool = False) -> dict:
@@ -113,8 +119,7 @@ def bench_graphs(graphs: list[tuple[str, str | Path, str]], steps: int = 20, bat
     speed-up is against the fastest FP32 entry, so the reference is the best FP32 session measured."""
     entries, arts = [], {}
     for name, a, spec in graphs:
-        role, _, level = spec.partition("@")
-        level = level or "extended"
+        role, level = role_and_level(spec)
         if str(a) not in arts:
             arts[str(a)] = load_artifact(a)
         art = arts[str(a)]

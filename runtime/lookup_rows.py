@@ -7,7 +7,7 @@ row per step (50 of 1000 for DDIM-50). `find_tables(path)` locates those tables'
 file by walking the protobuf's field headers (small reads; the file is never loaded or mapped whole), and
 `LookupRows` hands onnxruntime an anonymous zero-filled buffer in their place (`add_initializer`), into
 which `ensure(t)` reads row t the first time a step at t runs. Untouched rows cost no memory. Measured
-(cifar-config int8 graph, 4.99 MB table, B=1, 50 DDIM steps, Zen 5): resident memory −4.2 MB, outputs
+(cifar-config int8 graph, 4.99 MB table, 50 DDIM steps, Zen 5): peak RSS −4.3 MB at B=1 and B=8, outputs
 identical. A file in the page cache cannot be mapped instead: Linux maps 64 KB around every faulting page.
 
 The graph file is untrusted: any header that does not parse, a table whose bytes do not match its shape,
