@@ -75,19 +75,16 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
     # every conv input looked up by t (before fixed conv-input ranges): runtime int32 biases, ORT's generic conv path
     a_pgc = load_artifact(build("pgc", groups=args.groups, calibration=CalibrationConfig(
         source=src, table=TableConfig(fixed_range_below=1.0))))
-    # the split-concat 1×1 convs left in float (before lowering rule 5), from the same QDQ graph
-    no_split = workdir / f"{name}-no_split_int.onnx"
-    if not no_split.exists():
-        import onnx
-
-        from qexport.export.passes.lower_integer import LowerToInteger
-
-        m = onnx.load(str(a_ours.graph("qdq")))
-        LowerToInteger(split_convs=False)(m)
-        onnx.save(m, str(no_split))
+    # from the same QDQ graphs, one change each: the split-concat 1×1 convs left in float (before lowering
+    # rule 5); the GroupNorm affine left as Mul → Add (before GroupNormAffine); and that rewrite applied to
+    # the static graph too (not a baseline: how much of its gain any graph would get)
+    no_split = relowered(a_ours.graph("qdq"), workdir / f"{name}-no_split_int.onnx", split_convs=False)
+    no_affine = relowered(a_ours.graph("qdq"), workdir / f"{name}-no_affine_bn_int.onnx", affine=False)
+    static_affine = relowered(a_static.graph("qdq"), workdir / f"{name}-static_affine_bn.onnx", lower=False)
     if args.build_only:
         return {}
     graphs = {"fp32": a_ours.graph("fp32"), "static_qdq": a_static.graph("qdq"), "float_split_conv_int": no_split,
+              "no_affine_bn_int": no_affine, "static_qdq_affine_bn": static_affine,
               "qlinearmatmul_int": a_qmm.graph("int"), "no_time_table_int": a_nott.graph("int"),
               "ours_int": a_ours.graph("int"), "ours_qdq": a_ours.graph("qdq"),
               "plain_int": a_plain.graph("int"), "first_last_int8_int": a_fl.graph("int"),
@@ -144,6 +141,24 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
                 bytes=dict(fp32=graphs["fp32"].stat().st_size,
                                                           int=graphs["ours_int"].stat().st_size,
                                                           qdq=graphs["ours_qdq"].stat().st_size))
+
+
+def relowered(qdq: Path, out: Path, lower: bool = True, split_convs: bool = True, affine: bool = True) -> Path:
+    """`qdq` through the integer lowering's passes with one of them off (`lower=False`: GroupNormAffine alone)."""
+    if out.exists():
+        return out
+    import onnx
+
+    from qexport.export.passes import GroupNormAffine
+    from qexport.export.passes.lower_integer import LowerToInteger
+
+    m = onnx.load(str(qdq))
+    if lower:
+        LowerToInteger(split_convs=split_convs)(m)
+    if affine:
+        GroupNormAffine()(m)
+    onnx.save(m, str(out))
+    return out
 
 
 def op_breakdown(path: Path, shape: tuple, threads: int, runs: int = 20, optimization: str = "extended") -> dict[str, float]:
@@ -215,7 +230,10 @@ def markdown(result: dict) -> str:
              "`per_group_conv_int` the default with every conv input looked up by t (before fixed conv-input ranges: "
              "runtime int32 biases, so ORT runs im2col + GEMM + requantize instead of its fused symmetric conv); "
              "`no_time_table_int` the default without the time-embedding table; `float_split_conv_int` the default "
-             "with the 1×1 convs over split-quantized skip concatenations left in float (before lowering rule 5); `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
+             "with the 1×1 convs over split-quantized skip concatenations left in float (before lowering rule 5); "
+             "`no_affine_bn_int` the default with each GroupNorm's γ/β as Mul → Add (before GroupNormAffine: one "
+             "BatchNormalization); `static_qdq_affine_bn` the static graph with that same rewrite (not a baseline: "
+             "the part of its gain any graph gets); `static_qdq` ORT-style static QDQ (K=1 min/max, first/last quantized, fused by ORT). "
              "Operations are 2 × MAC (torch.utils.flop_counter's count). `fp32` runs at the runtime's EXTENDED level, "
              "`fp32_ort_default` the same graph at onnxruntime's default level ALL (NCHWc float convolutions on x86); "
              "× FP32 ORT is against `fp32`, × best FP32 against the faster of the two.", "",

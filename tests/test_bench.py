@@ -163,3 +163,30 @@ def test_wait_policy_benchmark_times_both_policies_and_restores_the_environment(
             for (_, p), s in made.items()}
     assert spin == {"passive": "0", "active": "1"}
     assert "QEXPORT_WAIT_POLICY" not in os.environ
+
+
+def test_export_bench_relowers_with_exactly_one_change(small_artifact, tmp_path):
+    """benchmarks/bench_export.py's one-change graphs: without GroupNormAffine the γ/β stay Mul → Add,
+    the static graph with it alone gains BatchNormalizations but no integer op, and every one of them
+    computes what the default integer graph computes."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_export import relowered
+
+    qdq = small_artifact / "unet_qdq.onnx"
+    ops = lambda p: [n.op_type for n in onnx.load(str(p)).graph.node]  # noqa: E731
+    default, no_affine = small_artifact / "unet_int.onnx", relowered(qdq, tmp_path / "a.onnx", affine=False)
+    qdq_affine = relowered(qdq, tmp_path / "b.onnx", lower=False)
+    assert "BatchNormalization" in ops(default) and "BatchNormalization" not in ops(no_affine)
+    assert "QLinearConv" in ops(no_affine) and "QLinearConv" not in ops(qdq_affine)
+    assert ops(qdq_affine).count("BatchNormalization") == ops(default).count("BatchNormalization") > 0
+    manifest = json.loads((small_artifact / "manifest.json").read_text())
+    x = np.random.default_rng(0).standard_normal((2, *manifest["sample_shape"])).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"sample": x, "timestep": np.array([400], np.int64)})[0]
+    ref = run(default)
+    np.testing.assert_allclose(run(no_affine), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(qdq_affine), run(qdq), rtol=1e-5, atol=1e-5)

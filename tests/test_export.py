@@ -327,6 +327,65 @@ def test_collapse_reshapes_turns_unit_axis_transposes_into_one_reshape():
         np.testing.assert_array_equal(ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0], ref)
 
 
+def test_groupnorm_affine_becomes_one_batchnorm():
+    """GroupNormAffine: Reshape → InstanceNorm → Reshape → Mul γ → Add β (γ, β constant [C, 1, 1], or [C, 1]
+    over [B, C, L]) is one BatchNormalization with the same values; a Mul that is not per-channel, or whose
+    product has another user, is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qexport.export.passes import GroupNormAffine
+
+    rng = np.random.default_rng(0)
+    c, groups = 8, 4
+
+    def graph(spatial: tuple, gamma_shape: tuple, second_user: bool = False) -> onnx.ModelProto:
+        f = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+        i = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+        inits = [i("s1", [0, groups, -1]), i("s2", [-1, c, *spatial]), f("ones", np.ones(groups)),
+                 f("zeros", np.zeros(groups)), f("gamma", rng.standard_normal(gamma_shape)),
+                 f("beta", rng.standard_normal(gamma_shape))]
+        nodes = [helper.make_node("Reshape", ["x", "s1"], ["a"]),
+                 helper.make_node("InstanceNormalization", ["a", "ones", "zeros"], ["b"], epsilon=1e-5),
+                 helper.make_node("Reshape", ["b", "s2"], ["n"]),
+                 helper.make_node("Identity", ["gamma"], ["g"]),      # the export shares γ through an Identity
+                 helper.make_node("Mul", ["n", "g"], ["m"]),
+                 helper.make_node("Add", ["m", "beta"], ["y"])]
+        outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", c, *spatial])]
+        if second_user:
+            outs.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["B", c, *spatial]))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, *spatial])],
+                              outs, inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    for spatial, gamma_shape, fused in (((5, 6), (c, 1, 1), True), ((30,), (c, 1), True),
+                                        ((5, 6), (1, c, 1, 1), True), ((5, 6), (1, 1, 6), False)):
+        m = graph(spatial, gamma_shape)
+        x = rng.standard_normal((3, c, *spatial)).astype(np.float32)
+        ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+        assert GroupNormAffine()(m) is fused, (spatial, gamma_shape)
+        onnx.checker.check_model(m)
+        ops = [n.op_type for n in m.graph.node]
+        assert ("BatchNormalization" in ops) is fused and ("Mul" in ops) is not fused, ops
+        np.testing.assert_allclose(ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0], ref,
+                                   rtol=1e-6, atol=1e-6)
+    assert GroupNormAffine()(graph((5, 6), (c, 1, 1), second_user=True)) is False
+
+
+def test_integer_graph_runs_every_groupnorm_affine_as_batchnorm(built):
+    """The integer graph: every GroupNorm's γ/β is one BatchNormalization (none left as Mul → Add after an
+    InstanceNormalization's Reshape); the QDQ graph, the portable one, keeps torch's form."""
+    from qexport.export.passes.graph_utils import consumers
+
+    _, _, _, qdq, integer = built
+    for g, want in ((integer, "BatchNormalization"), (qdq, "Mul")):
+        cons = consumers(g.graph)
+        norms = [n for n in g.graph.node if n.op_type == "InstanceNormalization"]
+        assert norms
+        for n in norms:
+            (back,) = cons[n.output[0]]
+            assert [u.op_type for u in cons[back.output[0]]] == [want], n.name
+
+
 def test_graphs_carry_no_layout_no_ops(built):
     """Every graph of the artifact after CollapseReshapes: no Reshape of a Reshape, no Transpose of a
     Reshape's output that only moves size-1 axes (the tiny U-Net's attention is single-head)."""

@@ -125,12 +125,14 @@ INT_FILE = "unet_int.onnx"
 
 def build_int(qdq: onnx.ModelProto, standard_only: bool = False) -> onnx.ModelProto:
     """The integer-operator lowering of a QDQ graph (QLinearConv, MatMulIntegerToFloat; QLinearMatMul
-    and no com.microsoft op when `standard_only`)."""
+    and no com.microsoft op when `standard_only`), its GroupNorms' affine in one kernel each."""
+    from .passes import GroupNormAffine
     from .passes.lower_integer import LowerToInteger
 
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     LowerToInteger(contrib_ops=not standard_only)(model)
+    GroupNormAffine()(model)
     onnx.checker.check_model(model)
     return model
 

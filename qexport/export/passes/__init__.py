@@ -7,10 +7,11 @@ from .collapse_reshapes import CollapseReshapes
 from .compact_names import CompactNames
 from .detach_bias import DetachBias
 from .fold_shapes import FoldShapes
+from .groupnorm_affine import GroupNormAffine
 from .lower_integer import LowerToInteger
 from .quantize_activations import QuantizeActivations
 from .quantize_weights import QuantizeWeights
 from .strip_taps import StripTaps
 from .tabulate_time_embedding import TabulateTimeEmbedding
 
-__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CollapseReshapes", "CompactNames", "DetachBias", "FoldShapes", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps", "TabulateTimeEmbedding"]
+__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CollapseReshapes", "CompactNames", "DetachBias", "FoldShapes", "GroupNormAffine", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps", "TabulateTimeEmbedding"]
