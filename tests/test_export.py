@@ -386,6 +386,32 @@ def test_integer_graph_runs_every_groupnorm_affine_as_batchnorm(built):
             assert [u.op_type for u in cons[back.output[0]]] == [want], n.name
 
 
+def test_attention_tokens_are_quantized_once_before_their_transpose(built):
+    """to_q, to_k and to_v quantize one tensor at equal parameters: one QuantizeLinear reads GroupNorm's
+    [B, C, HW] output, a uint8 Transpose makes the tokens, and each projection keeps a DequantizeLinear
+    of its own site (so QuantizeWeights gives each its own weight scales); the lowered graph feeds
+    the three integer GEMMs from that one Transpose. No float Transpose feeds a QuantizeLinear."""
+    from qexport.export.passes.graph_utils import consumers, producers
+
+    model, table, _, qdq, integer = built
+    attns = sorted({s.rsplit(".to_q", 1)[0] for s in table.sites if s.endswith(".to_q")})
+    assert attns
+    prod, cons = producers(qdq.graph), consumers(qdq.graph)
+    for a in attns:
+        dqs = {c: next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear"
+                       and n.input[1] == f"qx/{a}.to_{c}/scale") for c in "qkv"}
+        assert len({d.input[0] for d in dqs.values()}) == 1, a          # one quantized tensor …
+        tr = prod[dqs["q"].input[0]]
+        assert tr.op_type == "Transpose" and prod[tr.input[0]].op_type == "QuantizeLinear", a   # … transposed as uint8
+    iprod, icons = producers(integer.graph), consumers(integer.graph)
+    for n in integer.graph.node:
+        if n.op_type == "QuantizeLinear":
+            assert getattr(iprod.get(n.input[0]), "op_type", None) != "Transpose", n.name
+    tokens = [n for n in integer.graph.node if n.op_type == "Transpose"
+              and sum(u.op_type == "MatMulIntegerToFloat" for u in icons[n.output[0]]) == 3]
+    assert len(tokens) == len(attns)
+
+
 def test_graphs_carry_no_layout_no_ops(built):
     """Every graph of the artifact after CollapseReshapes: no Reshape of a Reshape, no Transpose of a
     Reshape's output that only moves size-1 axes (the tiny U-Net's attention is single-head)."""

@@ -32,6 +32,12 @@ class _Params:
     def has(self, site: str) -> bool:
         return site in self.index
 
+    def same(self, a: str, b: str) -> bool:
+        """Sites `a` and `b` have the same scale and zero point in every group."""
+        i, j = self.index[a], self.index[b]
+        return bool(np.array_equal(self.table.scale[:, i], self.table.scale[:, j])
+                    and np.array_equal(self.table.zero_point[:, i], self.table.zero_point[:, j]))
+
     def shared_zero_point(self) -> bool:
         return bool(np.all(self.table.zero_point == self.table.zero_point[:1]))
 
