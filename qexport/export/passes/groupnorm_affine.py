@@ -17,7 +17,7 @@ from onnx import helper
 from .graph_utils import add_initializer, constant_values, consumers, producers, prune_initializers
 
 
-def _constant(g: onnx.GraphProto, constants: dict, prod: dict, name: str) -> np.ndarray | None:
+def _constant(constants: dict, prod: dict, name: str) -> np.ndarray | None:
     """The value of `name`, looking through Identity nodes; None when it is computed."""
     while name not in constants and name in prod and prod[name].op_type == "Identity":
         name = prod[name].input[0]
@@ -56,10 +56,10 @@ class GroupNormAffine:
                 continue
             add = adds[0]
             rank = len(target)
-            gamma = _per_channel(_constant(g, constants, prod, [i for i in mul.input if i != back.output[0]][0]), rank)
+            gamma = _per_channel(_constant(constants, prod, [i for i in mul.input if i != back.output[0]][0]), rank)
             if gamma is None:
                 continue
-            beta = _per_channel(_constant(g, constants, prod, [i for i in add.input if i != mul.output[0]][0]),
+            beta = _per_channel(_constant(constants, prod, [i for i in add.input if i != mul.output[0]][0]),
                                 rank, len(gamma))
             if beta is None:
                 continue

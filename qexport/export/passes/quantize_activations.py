@@ -64,6 +64,7 @@ class QuantizeActivations:
                     tq = f"{tr.output[0]}/q"
                     new.append(helper.make_node("Transpose", [q], [tq], name=f"{site}/T{k}", perm=_perm(tr)))
                     new.append(helper.make_node("DequantizeLinear", [tq, s, z], [tr.output[0]], name=f"{site}/DQ{k}"))
+                    prod[tr.output[0]] = new[-1]   # the transposed tensor now comes from a DequantizeLinear
                     g.node.remove(tr)
             elif self._tokens(prod.get(x), cons[x], site, outputs):
                 tr = prod[x]
