@@ -132,6 +132,46 @@ def test_uniform_and_ndtc_shapes():
     assert np.all(a == 7)
 
 
+def test_source_runs_only_the_trajectories_it_observes():
+    """Uniform 30 samples over 10 steps keep 3 a step: 3 of 8 trajectories run, and what the observer
+    sees is what the first 3 of all 8 would have shown (DDIM is deterministic, rows independent)."""
+    def forward(log):
+        def f(x, t, keep):
+            log.append(x.shape[0])
+            return torch.tanh(x) * (t / 1000.0)
+        return f
+
+    seen, full = [], []
+    few = CalibrationSource(SCHED, (1, 4, 4), SourceConfig(samples=30, steps=10, trajectories=8))
+    assert few.batch == 3 and few.num_samples == 30
+    every = CalibrationSource(SCHED, (1, 4, 4), SourceConfig(strategy="all", steps=10, trajectories=8))
+    assert every.batch == 8
+    got = list(few.run(forward(seen)))
+    ref = list(every.run(forward(full)))
+    assert seen == [3] * 10 and full == [8] * 10
+    for (t, x), (t_ref, x_ref) in zip(got, ref):
+        assert t == t_ref and x.shape[0] == 3
+        np.testing.assert_array_equal(x, x_ref[:3])
+
+
+def test_histogram_matches_histc_but_for_edge_rounding():
+    """The observers' bincount histogram keeps every element (the maximum in the top bin) and agrees
+    with torch.histc except for elements within float rounding of a bin edge (one bin over)."""
+    from qexport.calibrate.observers import histogram
+
+    rng = np.random.default_rng(3)
+    for scale, n in ((1.0, 200_000), (40.0, 50_000), (1e-3, 10_000)):
+        x = torch.from_numpy((rng.standard_t(3, n) * scale).astype(np.float32))
+        lo, hi = float(x.min()), float(x.max())
+        h = histogram(x, lo, hi, 2048)
+        ref = torch.histc(x, 2048, lo, hi).numpy()
+        assert h.sum() == n and h[-1] >= 1 and h[0] >= 1
+        moved = np.abs(np.cumsum(h) - np.cumsum(ref)).max()
+        assert moved <= max(2, n * 1e-3), moved
+    const = torch.full((7,), 2.5)
+    assert histogram(const, 2.5, 2.5 + 1e-8, 16)[0] == 7
+
+
 def test_mse_range_clips_rare_outliers():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.standard_normal(1_000_000), np.full(5, 60.0), np.full(5, -60.0)])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from qexport.tables.weights import (PAIR_LIMIT, k_pairs, quantize_weight, saturation_safe, saturation_safe_scales,
-                                    unsafe_pairs)
+                                    unsafe_pairs, weight_scales)
 from qexport_runtime.cpu import kernel_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,23 @@ def test_searched_scales_cost_less_than_seven_bit_weights():
     nearest = err(quantize_weight(w, s, 8), s)
     seven = err(np.clip(np.round(w / s7.reshape(sh)), -64, 64), s7)
     assert nearest < err(q2, s2) < 0.7 * seven
+
+
+def test_searched_scales_match_a_direct_search():
+    """The pair-order search finds the same factor per channel as a plain search in the weight's own
+    layout: round, make the pairs safe, compare reconstruction errors."""
+    rng = np.random.default_rng(4)
+    for shape in [(12, 7, 3, 3), (9, 5, 1, 1), (10, 33)]:
+        w = rng.standard_t(3, size=shape).astype(np.float32)
+        s = weight_scales(w, 8, mse=False) * 0.5        # tight scales: many pairs unsafe
+        sh = (-1,) + (1,) * (w.ndim - 1)
+        errs = []
+        for c in np.linspace(1.0, 2.0, 26):
+            u = w / (s.reshape(sh).astype(np.float64) * c)
+            q, _ = saturation_safe(np.clip(np.round(u), -127, 127).astype(np.int8), u)
+            errs.append(((u - q) ** 2).reshape(len(w), -1).sum(axis=1) * c ** 2)
+        direct = s * np.linspace(1.0, 2.0, 26)[np.argmin(np.array(errs), axis=0)]
+        np.testing.assert_array_equal(saturation_safe_scales(w, s), direct.astype(np.float32))
 
 
 PAIR_PROBE = r"""

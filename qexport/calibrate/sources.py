@@ -29,7 +29,8 @@ STRATEGIES = ("uniform", "ndtc", "all")
 class SourceConfig:
     strategy: str = "uniform"
     samples: int = 1024          # (t, image) pairs in total (ignored by `all`)
-    trajectories: int = 32       # trajectories run in one batch (`all` keeps all of them at every step)
+    trajectories: int = 32       # trajectories sampled in one batch (`all` keeps all of them at every step);
+                                 # only as many run as the largest number any step keeps
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 0
@@ -81,13 +82,19 @@ class CalibrationSource:
     def num_samples(self) -> int:
         return int(self.counts.sum())
 
+    @property
+    def batch(self) -> int:
+        """Trajectories actually run: the observer keeps the first k of the batch, so rows beyond the
+        largest k would be computed and never seen (uniform, 1024 samples over 50 steps: 21 of 32)."""
+        return int(min(self.cfg.trajectories, max(int(self.counts.max(initial=0)), 1)))
+
     def run(self, forward: Callable[..., torch.Tensor]) -> Iterator[tuple[int, np.ndarray]]:
         """Sample the trajectories, calling `forward(x_t, t, keep=k)` once per step (the observer
         records the first k samples); yields `(t, x_t[:k])`."""
         cfg = self.cfg
         sched = make_scheduler(cfg.scheduler, self.scheduler_config)
         sched.set_timesteps(cfg.steps)
-        x = initial_noise((cfg.trajectories, *self.sample_shape), cfg.seed)
+        x = initial_noise((self.batch, *self.sample_shape), cfg.seed)
         rng = np.random.default_rng(cfg.seed + 1_000_003)
         for t, k in zip(sched.timesteps, self.counts):
             # the observed forward is the trajectory's own forward: keep the first k samples of the batch

@@ -36,10 +36,11 @@ class CorrectionConfig:
     heldout: int = 128          # at most this many held-out seeds decide the default
     min_gain: float = 0.05      # relative reduction of their RMS error needed to enable it by default
                                 # (at W8 its effect is within ±10% either way: noise; at W4, 20-30%)
-    work_gop: float = 20_000    # U-Net operations (GOP) the fit and the decision may spend: ~2 min on 2 cores
-    min_trajectories: int = 16  # floors when a large model's work must shrink
+    work_gop: float = 10_000    # U-Net operations (GOP) the fit and the decision may spend (the cifar config:
+                                # 75 s on 2 cores of an AVX2 Zen 3)
+    min_trajectories: int = 8   # floors when a large model's work must shrink
     min_steps: int = 20
-    min_heldout: int = 16
+    min_heldout: int = 8
     chunk: int = 16             # held-out seeds per round of the sequential decision
     confidence: float = 0.95    # the decision stops early once this bootstrap interval excludes min_gain
 

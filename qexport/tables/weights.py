@@ -60,18 +60,16 @@ def unsafe_pairs(q: np.ndarray) -> np.ndarray:
     return (p[..., 0] * p[..., 1] > 0) & (np.abs(p).sum(axis=-1) > PAIR_LIMIT)
 
 
-def saturation_safe(q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int]:
-    """Integer weights `q` (`[O, I, *k]`, int8) with every unsafe pair moved to |a| + |b| = 128,
-    choosing the split closest to the unrounded `target` (= w / scale). Returns (weights, pairs moved)."""
-    bad = unsafe_pairs(q)
-    n = int(bad.sum())
-    if not n:
-        return q, 0
-    qp = k_pairs(q.astype(np.int32)).copy()
-    up = k_pairs(np.clip(target, -127, 127).astype(np.float64))
-    o, j = np.nonzero(bad)
+def _safe_pairs(qp: np.ndarray, up: np.ndarray) -> int:
+    """Move, in place, every unsafe pair of the integer-valued `qp` (`[O, K/2, 2]`, any numeric dtype) onto
+    |a| + |b| = 128, choosing the split closest to the unrounded pair `up` (same shape; taken clipped to
+    ±127). Returns the pairs moved."""
+    a, b = qp[..., 0], qp[..., 1]
+    o, j = np.nonzero((a * b > 0) & (np.abs(a) + np.abs(b) > PAIR_LIMIT))
+    if not len(o):
+        return 0
     sign = np.sign(qp[o, j, 0])
-    ua, ub = np.abs(up[o, j, 0]), np.abs(up[o, j, 1])
+    ua, ub = (np.abs(np.clip(up[o, j, i].astype(np.float64), -127, 127)) for i in (0, 1))
     ma = ua - (ua + ub - PAIR_LIMIT) / 2                   # the L2 projection onto |a| + |b| = 128
     best = None
     for ra in (np.floor(ma), np.ceil(ma)):
@@ -80,6 +78,16 @@ def saturation_safe(q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int]
         best = (ra, err) if best is None else (np.where(err < best[1], ra, best[0]), np.minimum(err, best[1]))
     qp[o, j, 0] = sign * best[0]
     qp[o, j, 1] = sign * (PAIR_LIMIT - best[0])
+    return len(o)
+
+
+def saturation_safe(q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int]:
+    """Integer weights `q` (`[O, I, *k]`, int8) with every unsafe pair moved to |a| + |b| = 128,
+    choosing the split closest to the unrounded `target` (= w / scale). Returns (weights, pairs moved)."""
+    qp = k_pairs(q.astype(np.int32))
+    n = _safe_pairs(qp, k_pairs(target))
+    if not n:
+        return q, 0
     O, I, k = q.shape[0], q.shape[1], q.shape[2:]
     K = I * int(np.prod(k, dtype=np.int64))
     flat = qp.reshape(O, -1)[:, :K].reshape(O, *k, I)
@@ -89,13 +97,18 @@ def saturation_safe(q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int]
 def saturation_safe_scales(w: np.ndarray, scale: np.ndarray, grid: int = 26) -> np.ndarray:
     """Per output channel, the scale in [scale, 2·scale] whose saturation-safe integers (rounded,
     then unsafe pairs moved) reconstruct `w` with the least squared error. At 2·scale every |q| ≤ 64,
-    so no pair can overflow (7-bit); most channels keep a factor near 1 and move a few pairs."""
-    s = scale.reshape(-1, *([1] * (w.ndim - 1))).astype(np.float64)
+    so no pair can overflow (7-bit); most channels keep a factor near 1 and move a few pairs. The
+    search runs in MLAS's pair order throughout (a padded zero partner adds no error)."""
+    wp = k_pairs(w.astype(np.float64))
+    s = scale.reshape(-1, 1, 1).astype(np.float64)
+    u, q = np.empty_like(wp), np.empty_like(wp)
     best_err, best_c = None, None
     for c in np.linspace(1.0, 2.0, grid):
-        u = w / (s * c)
-        q, _ = saturation_safe(np.clip(np.round(u), -127, 127).astype(np.int8), u)
-        err = ((u - q) ** 2).reshape(w.shape[0], -1).sum(axis=1) * c ** 2
+        np.divide(wp, s * c, out=u)
+        np.clip(np.round(u, out=q), -127, 127, out=q)      # integers held in float64 (exact)
+        _safe_pairs(q, u)
+        np.subtract(u, q, out=q)
+        err = np.einsum("ok,ok->o", q.reshape(len(q), -1), q.reshape(len(q), -1)) * c ** 2
         if best_err is None:
             best_err, best_c = err, np.full_like(err, c)
         else:
