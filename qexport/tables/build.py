@@ -8,6 +8,8 @@ the group's merged histogram, → uint8 scale / zero point; (4) weight scales pe
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -64,14 +66,25 @@ class TableConfig:
             raise ValueError(f"fixed_range_below is a ratio of range widths, ≥ 1 (1 = off), got {self.fixed_range_below}")
 
 
+def _each(fn, items) -> list:
+    """`[fn(i) for i in items]` on one thread per core: the work is numpy array loops, which release
+    the GIL (the cifar config's table: ×1.6 on 2 cores). Results keep their order, so the table is the same."""
+    items = list(items)
+    workers = min(len(items), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
 def per_step_ranges(stats: ActivationStats, cfg: RangeConfig) -> tuple[np.ndarray, np.ndarray]:
-    S, n = stats.min.shape
-    lo, hi = np.empty((S, n)), np.empty((S, n))
-    for s in range(S):
+    def site(s):
         c = stats.bin_centers(s)
-        for i in range(n):
-            lo[s, i], hi[s, i] = range_from_hist(stats.hist[s, i], c, stats.min[s, i], stats.max[s, i], cfg)
-    return lo, hi
+        return [range_from_hist(stats.hist[s, i], c, stats.min[s, i], stats.max[s, i], cfg)
+                for i in range(stats.min.shape[1])]
+
+    r = np.array(_each(site, range(stats.min.shape[0])), dtype=np.float64).reshape(*stats.min.shape, 2)
+    return r[..., 0], r[..., 1]
 
 
 def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[str, np.ndarray],
@@ -83,13 +96,14 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
     group = partition(cost, cfg.groups)
     K = int(group.max()) + 1
     S = len(stats.sites)
-    lo, hi = np.empty((K, S), np.float32), np.empty((K, S), np.float32)
-    for g in range(K):
-        members = group == g
-        merged = stats.hist[:, members].sum(axis=1)
-        for s in range(S):
-            lo[g, s], hi[g, s] = range_from_hist(merged[s], stats.bin_centers(s), stats.min[s, members].min(),
-                                                 stats.max[s, members].max(), cfg.range)
+    members = [group == g for g in range(K)]
+
+    def site(s):
+        return [range_from_hist(stats.hist[s, m].sum(axis=0), stats.bin_centers(s), stats.min[s, m].min(),
+                                stats.max[s, m].max(), cfg.range) for m in members]
+
+    r = np.array(_each(site, range(S)), dtype=np.float64)          # [S, K, 2]
+    lo, hi = r[..., 0].T.astype(np.float32), r[..., 1].T.astype(np.float32)
     if not cfg.split_concat:
         lo, hi = union_concat_parts(stats.sites, lo, hi)
     if cfg.fixed_range_below > 1.0:
@@ -106,7 +120,8 @@ def build_table(stats: ActivationStats, num_train_timesteps: int, weights: dict[
     wscale = {m: weight_scales(w, wbits[m], cfg.weight_mse if cfg.weight_mse is not None else wbits[m] == 4)
               for m, w in weights.items()}
     if cfg.saturation_safe:  # 4-bit pairs (|q| ≤ 7) can never overflow
-        wscale = {m: saturation_safe_scales(weights[m], s) if wbits[m] == 8 else s for m, s in wscale.items()}
+        safe = _each(lambda m: saturation_safe_scales(weights[m], wscale[m]) if wbits[m] == 8 else wscale[m], wscale)
+        wscale = dict(zip(wscale, safe))
     calib = dict(calibration or {})
     calib.update(table=dict(groups_requested=cfg.groups, range=asdict(cfg.range), weight_bits=cfg.weight_bits,
                             weight_mse=cfg.weight_mse, first_last_8bit=cfg.first_last_8bit,
