@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine_info  # noqa: E402
+from common import QEXPORT, interleaved, machine_info, run_measured  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOBUF_LIMIT = 2 ** 31    # a serialized ModelProto must stay below 2 GiB; larger graphs need external data
@@ -103,27 +103,6 @@ def build_pipeline(out: Path, unet_cfg: dict, seed: int = 0) -> dict:
     return info
 
 
-def run_measured(cmd: list[str], log: Path, threads: int) -> dict:
-    """Run `cmd` as a child process; its wall time and peak RSS (ru_maxrss from wait4: the child's own
-    high-water mark, not this process's)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    r = dict(cmd=" ".join(cmd[1:] if cmd[0] == sys.executable else cmd), returncode=p.returncode,
-             wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-             cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
-             load_avg_1min_before_after=[round(load0, 2), round(os.getloadavg()[0], 2)])
-    if p.returncode != 0:
-        r["error_tail"] = log.read_text(errors="replace").strip().splitlines()[-25:]
-    return r
-
-
-QEXPORT = [sys.executable, "-c", "import sys; from qexport.cli.main import main; sys.exit(main())", "-v"]  # -v: tracebacks in the log
 LOAD_ONLY = [sys.executable, "-c", "import sys; from qexport.zoo.loading import load_model; load_model(sys.argv[1])"]
 
 

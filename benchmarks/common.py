@@ -4,8 +4,10 @@ the GEMM peak microbenchmark, and the ddpm-cifar10-config U-Net built from its c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from qexport.eval.efficiency import gemm_peak, gemm_probes, peak_of  # noqa: F401  (re-exported for the scripts)
@@ -58,3 +60,26 @@ def peak_rss(path: str, shape: tuple, threads: int, optimization: str = "extende
                             optimization=optimization)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_measured(cmd: list[str], log: Path, threads: int) -> dict:
+    """Run `cmd` as a child process; its wall time and peak RSS (ru_maxrss from wait4: the child's own
+    high-water mark, not this process's)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    r = dict(cmd=" ".join(cmd[1:] if cmd[0] == sys.executable else cmd), returncode=p.returncode,
+             wall_s=round(wall, 2), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+             cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+             load_avg_1min_before_after=[round(load0, 2), round(os.getloadavg()[0], 2)])
+    if p.returncode != 0:
+        r["error_tail"] = log.read_text(errors="replace").strip().splitlines()[-25:]
+    return r
+
+
+QEXPORT = [sys.executable, "-c", "import sys; from qexport.cli.main import main; sys.exit(main())", "-v"]  # -v: tracebacks in the log
