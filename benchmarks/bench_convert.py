@@ -42,6 +42,8 @@ def one_run(model: Path, bits: int, threads: int, workdir: Path, i: int) -> dict
     if r["returncode"] != 0:
         raise SystemExit(f"qexport convert failed (exit {r['returncode']}); see {log}:\n" + "\n".join(r["error_tail"]))
     r["stages_s"] = stages(log)
+    if not r["stages_s"]:
+        raise SystemExit(f"no 'convert took … (stages)' line in {log}: convert's stage summary changed; update STAGES")
     fit = json.loads((out / "correction.json").read_text()).get("fit", {})
     r["correction"] = {k: fit.get(k) for k in ("trajectories", "steps", "heldout_seeds", "heldout_gain",
                                                 "heldout_gain_interval", "decided_early", "work_gop")}

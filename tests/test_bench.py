@@ -190,3 +190,23 @@ def test_export_bench_relowers_with_exactly_one_change(small_artifact, tmp_path)
     ref = run(default)
     np.testing.assert_allclose(run(no_affine), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run(qdq_affine), run(qdq), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_bench_reads_the_stage_line_convert_logs(tmp_path):
+    """benchmarks/bench_convert.py parses the one-line stage summary that `convert` logs (StageClock):
+    if that line's format changes, the bench must not silently report no stages."""
+    from qexport.export.pipeline import StageClock
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import bench_convert as bc
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    clock = StageClock()
+    clock.seconds = {"calibration": 218.4, "export": 25.2, "probes": 0.2, "ε correction": 75.0}
+    log = tmp_path / "convert.log"
+    log.write_text(f"wrote x\nconvert took {clock.summary()}\nmore\n")
+    assert bc.stages(log) == {"calibration": 218.0, "export": 25.0, "ε correction": 75.0}
+    log.write_text("no summary\n")
+    assert bc.stages(log) == {}
