@@ -170,6 +170,7 @@ def test_histogram_matches_histc_but_for_edge_rounding():
         assert moved <= max(2, n * 1e-3), moved
     const = torch.full((7,), 2.5)
     assert histogram(const, 2.5, 2.5 + 1e-8, 16)[0] == 7
+    assert histogram(torch.full((3,), 3e9), 3e9, 3e9, 16)[0] == 3   # lo + 1e-8 == lo at this magnitude
 
 
 def test_mse_range_clips_rare_outliers():
