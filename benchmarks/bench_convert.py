@@ -44,10 +44,11 @@ def one_run(model: Path, bits: int, threads: int, workdir: Path, i: int) -> dict
     r["stages_s"] = stages(log)
     if not r["stages_s"]:
         raise SystemExit(f"no 'convert took … (stages)' line in {log}: convert's stage summary changed; update STAGES")
-    fit = json.loads((out / "correction.json").read_text()).get("fit", {})
+    corr = json.loads((out / "correction.json").read_text())
+    fit = corr.get("fit", {})
     r["correction"] = {k: fit.get(k) for k in ("trajectories", "steps", "heldout_seeds", "heldout_gain",
                                                 "heldout_gain_interval", "decided_early", "work_gop")}
-    r["correction"]["enabled"] = json.loads((out / "correction.json").read_text()).get("enabled")
+    r["correction"]["enabled"] = corr.get("enabled")
     return r
 
 

@@ -56,16 +56,20 @@ def k_pairs(q: np.ndarray) -> np.ndarray:
 
 def unsafe_pairs(q: np.ndarray) -> np.ndarray:
     """Boolean `[O, K/2]`: pairs whose products can saturate an int16 (same sign, |a| + |b| > 128)."""
-    p = k_pairs(q.astype(np.int32))
-    return (p[..., 0] * p[..., 1] > 0) & (np.abs(p).sum(axis=-1) > PAIR_LIMIT)
+    return _unsafe(k_pairs(q.astype(np.int32)))
+
+
+def _unsafe(p: np.ndarray) -> np.ndarray:
+    """The unsafe-pair mask of `[O, K/2, 2]` integer-valued pairs (any numeric dtype)."""
+    a, b = p[..., 0], p[..., 1]
+    return (a * b > 0) & (np.abs(a) + np.abs(b) > PAIR_LIMIT)
 
 
 def _safe_pairs(qp: np.ndarray, up: np.ndarray) -> int:
     """Move, in place, every unsafe pair of the integer-valued `qp` (`[O, K/2, 2]`, any numeric dtype) onto
     |a| + |b| = 128, choosing the split closest to the unrounded pair `up` (same shape; taken clipped to
     ±127). Returns the pairs moved."""
-    a, b = qp[..., 0], qp[..., 1]
-    o, j = np.nonzero((a * b > 0) & (np.abs(a) + np.abs(b) > PAIR_LIMIT))
+    o, j = np.nonzero(_unsafe(qp))
     if not len(o):
         return 0
     sign = np.sign(qp[o, j, 0])
