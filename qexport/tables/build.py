@@ -8,11 +8,12 @@ the group's merged histogram, → uint8 scale / zero point; (4) weight scales pe
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from qexport_runtime.session import physical_cores
 
 from .grouping import group_of_t, partition, segment_costs
 from .ranges import RangeConfig, affine_params, range_from_hist, shared_zero_point_params
@@ -70,7 +71,7 @@ def _each(fn, items) -> list:
     """`[fn(i) for i in items]` on one thread per core: the work is numpy array loops, which release
     the GIL (the cifar config's table: ×1.6 on 2 cores). Results keep their order, so the table is the same."""
     items = list(items)
-    workers = min(len(items), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = min(len(items), physical_cores())
     if workers <= 1:
         return [fn(i) for i in items]
     with ThreadPoolExecutor(workers) as pool:
