@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from .artifact import Artifact, ArtifactError
 from .sampler import initial_noise
-from .session import extensions_library, session_options
+from .session import disabled_optimizers, extensions_library, session_options
 
 
 @dataclass
@@ -41,7 +41,8 @@ class PipelineSession:
                                                               ", or use the pipeline graph without PNG"))
         t0 = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=disabled_optimizers())
         except Exception as e:
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{self.path}: onnxruntime cannot load this graph ({reason}); copy the artifact "

@@ -90,6 +90,20 @@ def physical_cores() -> int:
 
 OPTIMIZATION_LEVELS = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+# onnxruntime's transpose optimizer (registered under both names) turns the integer graph's uint8
+# Q → Transpose → DQ, which brings a split 1×1 conv's NHWC product back to NCHW, into
+# Q → DQ → float Transpose → Q → DQ wherever the scale is looked up by t (8 of the cifar config's 12):
+# four times the bytes moved and two more passes. Without it the outputs are bit-identical and
+# nothing is slower: cifar-config int8 ×1.016–1.020 at B=1, ×1.025 at B=8; shipped ×1.01; FP32 and
+# QDQ graphs ×1.00 (2-core Zen 5 VNNI, interleaved). Off at the runtime's level only ("all" is
+# onnxruntime's own default, left as a user gets it).
+RUNTIME_DISABLED_OPTIMIZERS = ("TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider")
+
+
+def disabled_optimizers(optimization: str = "extended") -> list[str]:
+    """The onnxruntime graph optimizers the runtime turns off at `optimization` (InferenceSession's
+    `disabled_optimizers`)."""
+    return list(RUNTIME_DISABLED_OPTIMIZERS) if optimization == "extended" else []
 
 
 MMAP_THRESHOLD = 64 * 1024
@@ -201,7 +215,8 @@ class UNetSession:
         for table in self.lookups:
             so.add_initializer(table.span.name, table.value)
         try:
-            return ort.InferenceSession(str(self.path), sess_options=so, providers=self._providers)
+            return ort.InferenceSession(str(self.path), sess_options=so, providers=self._providers,
+                                        disabled_optimizers=disabled_optimizers(self._options["optimization"]))
         except Exception as e:  # onnxruntime's own error types: corrupt, truncated, unsafe external data …
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{self.path}: onnxruntime cannot load this graph ({reason}); copy the artifact "
