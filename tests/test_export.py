@@ -669,3 +669,29 @@ def test_fixed_conv_input_ranges_give_constant_scales_and_biases(built):
         assert np.sqrt(np.mean((a - b) ** 2) / np.mean(a ** 2)) <= 0.02, t
     with pytest.raises(ValueError, match="fixed_range_below"):
         TableConfig(fixed_range_below=0.5)
+
+
+def test_runtime_keeps_the_split_convs_transposes_uint8(built, tmp_path):
+    """onnxruntime's transpose optimizer turns the integer graph's Q → Transpose → DQ (a split 1×1
+    conv's product back to NCHW) into a float Transpose between a new DQ and Q where the scale is looked
+    up by t; the runtime's sessions turn it off, and the outputs stay bit-identical."""
+    from qexport_runtime.session import disabled_optimizers, session_options
+
+    _, _, _, _, integer = built
+    path = tmp_path / "int.onnx"
+    onnx.save(integer, str(path))
+    shape = [d.dim_value or 2 for d in integer.graph.input[0].type.tensor_type.shape.dim]
+    feeds = {"sample": np.random.default_rng(0).standard_normal(shape).astype(np.float32),
+             "timestep": np.array([400], np.int64)}
+    float_transposes, outs = {}, {}
+    for key, disabled in (("ort", []), ("runtime", disabled_optimizers())):
+        so = session_options(1)
+        so.optimized_model_filepath = str(tmp_path / f"{key}.onnx")
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        outs[key] = s.run(None, feeds)[0]
+        g = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+        prod = {o: n for n in g.node for o in n.output}
+        float_transposes[key] = sum(n.op_type == "Transpose" and n.input[0] in prod
+                                    and prod[n.input[0]].op_type == "DequantizeLinear" for n in g.node)
+    assert float_transposes["ort"] > 0 and float_transposes["runtime"] == 0, float_transposes
+    np.testing.assert_array_equal(outs["runtime"], outs["ort"])
