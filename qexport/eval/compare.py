@@ -82,7 +82,9 @@ class CompareConfig:
         from ..calibrate.api import CalibrationConfig
         from ..calibrate.sources import SourceConfig
 
-        return CalibrationConfig(source=SourceConfig(samples=64, trajectories=16, steps=10)) if self.quick else None
+        # quick: 64 (t, x_t) pairs over at most 10 steps (no more steps than the run samples with), 8 per step at most
+        return CalibrationConfig(source=SourceConfig(samples=64, trajectories=8, steps=min(10, self.steps))) \
+            if self.quick else None
 
     def convert_config(self, bits: int):
         from ..export.pipeline import ConvertConfig
