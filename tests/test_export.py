@@ -695,3 +695,31 @@ def test_runtime_keeps_the_split_convs_transposes_uint8(built, tmp_path):
                                     and prod[n.input[0]].op_type == "DequantizeLinear" for n in g.node)
     assert float_transposes["ort"] > 0 and float_transposes["runtime"] == 0, float_transposes
     np.testing.assert_array_equal(outs["runtime"], outs["ort"])
+
+
+def test_narrow_conv_as_pointwise_gives_the_same_convolution():
+    """NarrowConvAsPointwise: a k×k float conv with O·k² < C input channels becomes a 1×1 conv and a
+    grouped one-hot conv with the same outputs (to float rounding), for pads, strides and dilations; a
+    conv with O·k² ≥ C is left as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qexport.export.passes import NarrowConvAsPointwise
+
+    rng = np.random.default_rng(0)
+    cases = [(3, 40, 3, dict(pads=[1, 1, 1, 1]), True), (2, 64, 3, dict(pads=[1, 0, 1, 2], strides=[2, 1]), True),
+             (1, 30, 3, dict(dilations=[2, 2], pads=[2, 2, 2, 2]), True), (4, 20, 3, dict(pads=[1, 1, 1, 1]), False)]
+    for o, c, k, attrs, rewritten in cases:
+        w = numpy_helper.from_array(rng.standard_normal((o, c, k, k)).astype(np.float32), "w")
+        b = numpy_helper.from_array(rng.standard_normal(o).astype(np.float32), "b")
+        g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv_out", **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", o, "H", "W"])], [w, b])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        x = rng.standard_normal((2, c, 12, 12)).astype(np.float32)
+        ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+        assert NarrowConvAsPointwise()(m) is rewritten
+        onnx.checker.check_model(m)
+        got = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+        assert [n.op_type for n in m.graph.node] == ["Conv"] * (2 if rewritten else 1)

@@ -22,7 +22,7 @@ from .artifact import ArtifactWriter
 from .correction import fit_correction
 from .probes import make_probes
 from .saturation import pair_report
-from .passes import CancelBiasRoundTrip, CancelSplitConcat, CollapseReshapes, FoldShapes, StripTaps
+from .passes import CancelBiasRoundTrip, CancelSplitConcat, CollapseReshapes, FoldShapes, NarrowConvAsPointwise, StripTaps
 from .to_onnx import export_marked
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def fp32_graph(marked: onnx.ModelProto) -> onnx.ModelProto:
     model.CopyFrom(marked)
     StripTaps()(model)
     CancelBiasRoundTrip()(model)
+    NarrowConvAsPointwise()(model)
     model = to_opset(model)
     onnx.checker.check_model(model)
     return model
@@ -98,7 +99,8 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
     """The portable QDQ graph: activation parameters looked up by time step (`group=None`) or
     frozen at one group (a constant-scale graph ORT fuses itself). Pass order, declared once:
     DetachBias → QuantizeActivations → CancelBiasRoundTrip → (opset 21) → QuantizeWeights →
-    BatchTimeProjections → TabulateTimeEmbedding (when the table says so)."""
+    BatchTimeProjections → TabulateTimeEmbedding (when the table says so) → NarrowConvAsPointwise (the
+    float convs left)."""
     from .passes import (BatchTimeProjections, CompactNames, DetachBias, QuantizeActivations, QuantizeWeights,
                          TabulateTimeEmbedding)
     from .passes.graph_utils import prune_initializers
@@ -115,6 +117,7 @@ def build_qdq(marked: onnx.ModelProto, table, group: int | None = None) -> onnx.
     BatchTimeProjections()(model)
     if table.time_embedding_table:
         TabulateTimeEmbedding(table.num_train_timesteps, projections=table.time_projection_table)(model)
+    NarrowConvAsPointwise()(model)
     prune_initializers(model.graph)
     CompactNames()(model)
     onnx.checker.check_model(model)

@@ -10,9 +10,10 @@ from .detach_bias import DetachBias
 from .fold_shapes import FoldShapes
 from .groupnorm_affine import GroupNormAffine
 from .lower_integer import LowerToInteger
+from .narrow_conv import NarrowConvAsPointwise
 from .quantize_activations import QuantizeActivations
 from .quantize_weights import QuantizeWeights
 from .strip_taps import StripTaps
 from .tabulate_time_embedding import TabulateTimeEmbedding
 
-__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CancelSplitConcat", "CollapseReshapes", "CompactNames", "DetachBias", "FoldShapes", "GroupNormAffine", "LowerToInteger", "QuantizeActivations", "QuantizeWeights", "StripTaps", "TabulateTimeEmbedding"]
+__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CancelSplitConcat", "CollapseReshapes", "CompactNames", "DetachBias", "FoldShapes", "GroupNormAffine", "LowerToInteger", "NarrowConvAsPointwise", "QuantizeActivations", "QuantizeWeights", "StripTaps", "TabulateTimeEmbedding"]
