@@ -31,6 +31,10 @@ onnxruntime as buffers whose rows are read from the file the first time a step a
 (`lookup_rows`; `lazy_tables=False`: onnxruntime's own copy of every row). Same outputs; cifar-config
 int8 graph: −4.3 MB peak RSS at B=1 and at B=8 over 50 DDIM steps.
 
+At the runtime's optimization level onnxruntime's transpose optimizer is off
+(`disabled_optimizers()`): with looked-up scales it turns the integer graph's uint8 transposes into
+float ones and gains nothing elsewhere (outputs bit-identical).
+
 The first `session_options()` call pins glibc's mmap threshold (see `pin_mmap_threshold`): without
 it the original weights onnxruntime frees after prepacking them stay in the heap, and the int8 graph's
 peak RSS carries its weights twice.

@@ -22,7 +22,7 @@ from .artifact import ArtifactWriter
 from .correction import fit_correction
 from .probes import make_probes
 from .saturation import pair_report
-from .passes import CancelBiasRoundTrip, CancelSplitConcat, CollapseReshapes, FoldShapes, NarrowConvAsPointwise, StripTaps
+from .passes import CancelBiasRoundTrip, CollapseReshapes, FoldShapes, NarrowConvAsPointwise, StripTaps
 from .to_onnx import export_marked
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,13 @@ def io_spec(model: LoadedModel) -> tuple[list, list]:
 
 
 def marked_graph(model: LoadedModel, workdir: Path) -> onnx.ModelProto:
-    """The marked FP32 export with constant reshape targets, no layout no-ops and no Split undoing a
-    Concat (shared by every graph of the artifact)."""
+    """The marked FP32 export with constant reshape targets and no layout no-ops (shared by every graph
+    of the artifact)."""
     path = workdir / "marked.onnx"
     export_marked(model.unet, path, context_shape=model.context_shape)
     marked = onnx.load(str(path))
     FoldShapes(model.sample_shape, model.num_train_timesteps, model.context_shape)(marked)
     CollapseReshapes()(marked)
-    CancelSplitConcat()(marked)
     return marked
 
 

@@ -3,7 +3,6 @@ qexport.export.pipeline."""
 
 from .batch_time_projections import BatchTimeProjections
 from .cancel_bias import CancelBiasRoundTrip
-from .cancel_split_concat import CancelSplitConcat
 from .collapse_reshapes import CollapseReshapes
 from .compact_names import CompactNames
 from .detach_bias import DetachBias
@@ -16,4 +15,4 @@ from .quantize_weights import QuantizeWeights
 from .strip_taps import StripTaps
 from .tabulate_time_embedding import TabulateTimeEmbedding
 
-__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CancelSplitConcat", "CollapseReshapes", "CompactNames", "DetachBias", "FoldShapes", "GroupNormAffine", "LowerToInteger", "NarrowConvAsPointwise", "QuantizeActivations", "QuantizeWeights", "StripTaps", "TabulateTimeEmbedding"]
+__all__ = ["BatchTimeProjections", "CancelBiasRoundTrip", "CollapseReshapes", "CompactNames", "DetachBias", "FoldShapes", "GroupNormAffine", "LowerToInteger", "NarrowConvAsPointwise", "QuantizeActivations", "QuantizeWeights", "StripTaps", "TabulateTimeEmbedding"]
