@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
 from .artifact import Artifact, ArtifactError
 from .sampler import initial_noise
-from .session import disabled_optimizers, extensions_library, session_options
+from .session import disabled_optimizers, extensions_library, open_session, session_options
 
 
 @dataclass
@@ -40,13 +39,7 @@ class PipelineSession:
             so.register_custom_ops_library(extensions_library("the PNG pipeline graph",
                                                               ", or use the pipeline graph without PNG"))
         t0 = time.perf_counter()
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=disabled_optimizers())
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{self.path}: onnxruntime cannot load this graph ({reason}); copy the artifact "
-                                f"again or re-export it") from None
+        self.session = open_session(self.path, so, disabled=disabled_optimizers())
         self.load_ms = (time.perf_counter() - t0) * 1e3
         if {i.name for i in self.session.get_inputs()} != {"noise", "steps"}:
             raise ArtifactError(f"{self.path}: expected inputs 'noise' and 'steps'; this is not a qexport pipeline graph")

@@ -167,6 +167,19 @@ def session_options(threads: int | None = None, emulate: bool = False, optimizat
     return so
 
 
+def open_session(path: str | Path, so: ort.SessionOptions, providers: list[str] | None = None,
+                 disabled: list[str] | tuple[str, ...] = ()) -> ort.InferenceSession:
+    """An onnxruntime session over the graph file `path` (`disabled`: optimizers turned off); a file
+    onnxruntime cannot load (corrupt, truncated, unsafe external data …) is a one-line `ArtifactError`."""
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled))
+    except Exception as e:  # onnxruntime's own error types
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path}: onnxruntime cannot load this graph ({reason}); copy the artifact again or "
+                            f"re-export it") from None
+
+
 def extensions_library(purpose: str, alternative: str = "") -> str:
     """Path of onnxruntime-extensions' custom-op library, or a one-line error saying what needs it."""
     try:
@@ -218,13 +231,7 @@ class UNetSession:
         so = session_options(threads, **self._options)
         for table in self.lookups:
             so.add_initializer(table.span.name, table.value)
-        try:
-            return ort.InferenceSession(str(self.path), sess_options=so, providers=self._providers,
-                                        disabled_optimizers=disabled_optimizers(self._options["optimization"]))
-        except Exception as e:  # onnxruntime's own error types: corrupt, truncated, unsafe external data …
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{self.path}: onnxruntime cannot load this graph ({reason}); copy the artifact "
-                                f"again or re-export it") from None
+        return open_session(self.path, so, self._providers, disabled_optimizers(self._options["optimization"]))
 
     def plan_for(self, batch: int) -> Plan:
         """How this batch size runs (the every-core session while still choosing)."""

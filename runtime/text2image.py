@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from .artifact import Artifact, ArtifactError
 from .sampler import Sampler
-from .session import session_options
+from .session import open_session, session_options
 from .tokenizer import PromptTokenizer
 
 MAX_PROMPT_CHARS = 10_000
@@ -33,13 +33,7 @@ class Generation:
 
 
 def _session(path, threads) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{path}: onnxruntime cannot load this graph ({reason}); copy the artifact again or "
-                            f"re-export it") from None
+    return open_session(path, session_options(threads))
 
 
 def text_info(artifact: Artifact) -> dict:
