@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from .conftest import shipped_or_skip
@@ -48,6 +49,29 @@ def test_graph_macs_equal_torch_flop_counter(tiny_artifact, tiny_pipeline_dir):
         skipped = looked_up.get_total_flops() if role != "fp32" else 0
         assert 2 * macs["total"] == fc.get_total_flops() - skipped, role
     assert any(k.startswith("QLinear") for k in graph_macs(art.graph("int"), model.sample_shape)["by_op"])
+
+
+def test_graph_macs_leave_out_the_narrow_convs_tap_sums(tmp_path):
+    """NarrowConvAsPointwise's one-hot tap-sum conv moves data: the rewritten conv_out counts the same
+    MACs as the original, and the tap sums are reported apart."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qexport.eval.efficiency import graph_macs
+    from qexport.export.passes import NarrowConvAsPointwise
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((3, 40, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["sample", "w"], ["y"], name="conv_out", pads=[1, 1, 1, 1])], "g",
+                          [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["B", 40, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3, 12, 12])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, tmp_path / "before.onnx")
+    assert NarrowConvAsPointwise()(m)
+    onnx.save(m, tmp_path / "after.onnx")
+    before, after = (graph_macs(tmp_path / f"{k}.onnx", (40, 12, 12)) for k in ("before", "after"))
+    assert before == dict(total=3 * 40 * 9 * 144, by_op={"Conv": 3 * 40 * 9 * 144}, tap_sums=0)
+    assert after["total"] == before["total"] and after["tap_sums"] == 3 * 9 * 9 * 144
 
 
 def test_compare_quick_every_variant_has_every_figure(tmp_path):

@@ -41,16 +41,37 @@ def is_integer_op(op: str) -> bool:
     return op.startswith("QLinear") or "Integer" in op or op == "QGemm"
 
 
+def _is_tap_sum(node, weights: dict) -> bool:
+    """A grouped convolution with the one-hot weight W[o, i·kw + j, i, j] = 1 that NarrowConvAsPointwise
+    writes: it sums k² shifted channels per output (data movement and k² adds), no model arithmetic."""
+    w = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+    if w is None or w.ndim != 4 or w.shape[1] != w.shape[2] * w.shape[3]:
+        return False
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    o, taps, kh, kw = w.shape
+    if group != o:
+        return False
+    one_hot = np.zeros((taps, kh, kw), w.dtype)
+    one_hot[np.arange(taps), np.arange(taps) // kw, np.arange(taps) % kw] = 1
+    return bool(np.array_equal(w, np.broadcast_to(one_hot, w.shape)))
+
+
 def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
     """Multiply-accumulates of one U-Net call on one sample, counted from the graph's Conv / MatMul /
     Gemm nodes (float, QLinear and Integer forms) with shapes from onnxruntime's symbolic shape
-    inference at batch 1: `{"total": int, "by_op": {op_type: int}}`. Conv: output elements × the
-    weight's C_in/groups·kh·kw; MatMul and Gemm: output elements × K."""
+    inference at batch 1: `{"total": int, "by_op": {op_type: int}, "tap_sums": int}`. Conv: output
+    elements × the weight's C_in/groups·kh·kw; MatMul and Gemm: output elements × K. The one-hot
+    tap-sum convolutions of NarrowConvAsPointwise are the model's data movement, not its arithmetic:
+    their conv-formula count goes to `tap_sums`, outside `total`, so the total stays torch's count."""
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    from onnx import numpy_helper
+
     model = onnx.load(str(path))
     init = {t.name: list(t.dims) for t in model.graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer   # tap-sum candidates only
+               if len(t.dims) == 4 and t.dims[1] == t.dims[2] * t.dims[3] > 1}
     for inp in model.graph.input:
         if inp.name in init:
             continue
@@ -66,6 +87,7 @@ def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
         if all(d.HasField("dim_value") for d in dims):
             shapes[v.name] = [d.dim_value for d in dims]
     by_op: dict[str, int] = {}
+    tap_sums = 0
     for node in inferred.graph.node:
         if node.op_type not in _CONV + _MATMUL or node.name.startswith("cast/"):
             continue
@@ -78,9 +100,12 @@ def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
             a = shapes[node.input[_A_INPUT[node.op_type]]]
             trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
             k = a[-2] if trans_a else a[-1]
+        if _is_tap_sum(node, weights):
+            tap_sums += int(np.prod(out)) * int(k)
+            continue
         op = contrib.get(node.name, node.op_type)
         by_op[op] = by_op.get(op, 0) + int(np.prod(out)) * int(k)
-    return dict(total=sum(by_op.values()), by_op=by_op)
+    return dict(total=sum(by_op.values()), by_op=by_op, tap_sums=tap_sums)
 
 
 PEAK_CONV = (256, 256, 32)   # channels in, out, side: a 3×3 convolution like the cifar-config U-Net's widest
