@@ -64,9 +64,8 @@ def graph_macs(path: str | Path, sample_shape: tuple) -> dict:
     tap-sum convolutions of NarrowConvAsPointwise are the model's data movement, not its arithmetic:
     their conv-formula count goes to `tap_sums`, outside `total`, so the total stays torch's count."""
     import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     from onnx import numpy_helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(path))
     init = {t.name: list(t.dims) for t in model.graph.initializer}
