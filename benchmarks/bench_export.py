@@ -166,16 +166,13 @@ def op_breakdown(path: Path, shape: tuple, threads: int, runs: int = 20, optimiz
     import collections
     import os
 
-    import onnxruntime as ort
-
-    from qexport_runtime.session import disabled_optimizers, session_options
+    from qexport_runtime.session import disabled_optimizers, open_session, session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads, optimization=optimization)
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "p")
-        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=disabled_optimizers(optimization))
+        s = open_session(path, so, disabled=disabled_optimizers(optimization))
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         for _ in range(runs):
             s.run(None, {"sample": x, "timestep": np.array([500], np.int64)})

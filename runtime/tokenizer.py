@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import ArtifactError
-from .session import extensions_library, session_options
+from .session import extensions_library, open_session, session_options
 
 
 
@@ -24,12 +24,7 @@ class PromptTokenizer:
         self.path = Path(path)
         so = session_options(threads)
         so.register_custom_ops_library(extensions_library("the tokenizer graph"))
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own error types: missing, corrupt, unknown op …
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{self.path}: onnxruntime cannot load this tokenizer graph ({reason}); copy the "
-                                f"artifact again or re-export it") from None
+        self.session = open_session(self.path, so)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         dims = outputs[0].shape if len(outputs) == 1 else []
         if ([i.name for i in inputs] != ["prompt"] or [o.name for o in outputs] != ["input_ids"]

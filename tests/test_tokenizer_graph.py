@@ -198,6 +198,20 @@ def test_device_tokenizer_asks_for_extensions(model, tmp_path):
     assert "pip install onnxruntime-extensions" in out.stdout and out.stdout.strip().count("\n") == 0
 
 
+def test_device_tokenizer_refuses_a_truncated_graph(model, tmp_path):
+    from qexport_runtime.artifact import ArtifactError
+    from qexport_runtime.tokenizer import PromptTokenizer
+
+    path = tmp_path / "tokenizer.onnx"
+    data = model.SerializeToString()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError) as e:
+        PromptTokenizer(path)
+    msg = str(e.value)
+    assert str(path) in msg and "onnxruntime cannot load this graph" in msg and "re-export" in msg
+    assert "\n" not in msg
+
+
 @pytest.mark.parametrize("missing", ["vocab.json", "merges.txt"])
 def test_missing_file_is_a_clear_error(tmp_path, missing):
     folder = tmp_path / "tokenizer"
