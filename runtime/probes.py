@@ -110,11 +110,16 @@ def _rms(a: np.ndarray) -> float:
 
 
 def check_session(artifact: Artifact, session, probes: Probes) -> CheckResult:
-    """Run every probe through `session` (a UNetSession) and judge it (module docstring)."""
+    """Run every probe through `session` (a UNetSession) and judge it (module docstring).
+
+    Each probe's samples go through one at a time: a call at the probes' batch would grow
+    onnxruntime's arena to that batch before a B=1 loop starts (cifar config: the B=1 sampling
+    process's peak RSS 119.7 → 113.0 MB); the integer kernels give each sample the same values either way."""
     excess, deviation = [], []
     contexts = probes.context if probes.context is not None else [None] * len(probes.timestep)
     for x, t, gold, fp, c in zip(probes.sample, probes.timestep, probes.golden, probes.fp32, contexts):
-        y = np.array(session(x, int(t), c))
+        y = np.concatenate([np.array(session(x[i:i + 1], int(t), None if c is None else c[i:i + 1]))
+                            for i in range(len(x))])
         qerr = max(_rms(gold - fp), 1e-12)
         excess.append(_rms(y - fp) / qerr - 1)
         deviation.append(_rms(y - gold) / qerr)
