@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_cifar_config_unet, gemm_peak, gemm_probes, interleaved, machine_info, peak_of, peak_rss, unet_ops  # noqa: E402
+from common import (build_cifar_config_unet, gemm_peak, gemm_probes, interleaved, machine_info, peak_of,  # noqa: E402
+                    peak_rss, sampling_rss, unet_ops)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # onnxruntime's own default level (ALL) adds NCHWc float convolutions on x86: the FP32 graph a user
@@ -125,6 +126,11 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
                 row.update(peak_rss(path, x.shape, args.threads,
                                     optimization=level_of(k)))
             rows.append(row)
+    # the whole sampling process (the runtime's Sampler with its self-check, 20 DDIM steps), fresh per figure
+    sampling = {f"{label}_b{b}": sampling_rss(art.path, role, b, args.threads)["peak_rss_mb"]
+                for label, art, role in (("ours_int", a_ours, "int"), ("static_qdq", a_static, "qdq"),
+                                         ("fp32", a_ours, "fp32"))
+                for b in (1, 8)}
     threads = {}
     for n_threads in args.threads_sweep:   # scaling per graph, interleaved per thread count
         ts = {k: UNetSession(graphs[k], threads=n_threads, optimization=level_of(k))
@@ -137,7 +143,7 @@ def bench_model(name: str, model_id: str, workdir: Path, args) -> dict:
     profile = {f"{k}_b{b}": op_breakdown(graphs[k], (b, *model.sample_shape), args.threads,
                                          optimization=level_of(k))
                for k in ("fp32", "fp32_ort_default", "ours_int", "static_qdq") for b in (1, 8)}
-    return dict(ops_per_sample=ops, rows=rows, gemm_peak=peak, threads=threads, profile=profile,
+    return dict(ops_per_sample=ops, rows=rows, gemm_peak=peak, threads=threads, profile=profile, sampling_rss=sampling,
                 bytes=dict(fp32=graphs["fp32"].stat().st_size,
                                                           int=graphs["ours_int"].stat().st_size,
                                                           qdq=graphs["ours_qdq"].stat().st_size))
@@ -261,6 +267,16 @@ def markdown(result: dict) -> str:
                     f"{v['fp32_matmul_gops']:.0f} / conv {v['fp32_conv_gops']:.0f})" if "int8_conv_gops" in v else "")
                 for bb, v in m["gemm_peak"].items()) + "."]
         lines += ["", f"Bytes: int graph {b['int'] / b['fp32']:.3f}× FP32, QDQ graph {b['qdq'] / b['fp32']:.3f}× FP32.", ""]
+        if m.get("sampling_rss"):
+            sr = m["sampling_rss"]
+            lines += ["Peak RSS of the sampling process (fresh process each: the runtime's `Sampler` as "
+                      "`python -m qexport_runtime sample` runs it, artifact verified, self-check of the quantized "
+                      "graphs, 20 DDIM steps), MB:", "",
+                      "| B | ours_int | static_qdq | fp32 | int / fp32 |", "|---|---|---|---|---|"]
+            for bb in (1, 8):
+                lines.append(f"| {bb} | {sr[f'ours_int_b{bb}']:.1f} | {sr[f'static_qdq_b{bb}']:.1f} | "
+                             f"{sr[f'fp32_b{bb}']:.1f} | {sr[f'ours_int_b{bb}'] / sr[f'fp32_b{bb}']:.3f}× |")
+            lines.append("")
         if m.get("threads"):
             counts = sorted({int(n) for g in m["threads"].values() for bb in g.values() for n in bb})
             lines += ["Threads (ms/step, median; × = speed-up over 1 thread):", "",

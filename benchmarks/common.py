@@ -54,6 +54,27 @@ print(json.dumps(dict(peak_rss_mb=peak, baseline_mb=base, delta_mb=peak - base))
 """
 
 
+_SAMPLING_RSS_CODE = r"""
+import json, sys
+sys.path[:0] = {paths!r}
+from qexport_runtime.artifact import load_artifact
+from qexport_runtime.sampler import Sampler
+s = Sampler(load_artifact({artifact!r}), role={role!r}, threads={threads})
+s.sample({steps}, batch={batch}, seed=0)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+print(json.dumps(dict(peak_rss_mb=hwm, self_check=s.check is not None)))
+"""
+
+
+def sampling_rss(artifact: str, role: str, batch: int, threads: int, steps: int = 20) -> dict:
+    """High-water mark of a fresh process that samples as `python -m qexport_runtime sample` does: the
+    artifact verified and loaded, the self-check of a quantized graph, `steps` DDIM steps at `batch`."""
+    code = _SAMPLING_RSS_CODE.format(paths=sys.path, artifact=str(artifact), role=role, threads=threads,
+                                     steps=steps, batch=batch)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def peak_rss(path: str, shape: tuple, threads: int, optimization: str = "extended") -> dict:
     """High-water mark of a fresh process that loads the graph and runs it 3 times."""
     code = _RSS_CODE.format(paths=sys.path, path=str(path), threads=threads, shape=tuple(shape),
