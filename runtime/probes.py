@@ -114,7 +114,8 @@ def check_session(artifact: Artifact, session, probes: Probes) -> CheckResult:
 
     Each probe's samples go through one at a time: a call at the probes' batch would grow
     onnxruntime's arena to that batch before a B=1 loop starts (cifar config: the B=1 sampling
-    process's peak RSS 119.7 → 113.0 MB); the integer kernels give each sample the same values either way."""
+    process's peak RSS 119.7 → 113.0 MB). A sample's output does not depend on the batch it runs in
+    (same excess figures there to every printed digit)."""
     excess, deviation = [], []
     contexts = probes.context if probes.context is not None else [None] * len(probes.timestep)
     for x, t, gold, fp, c in zip(probes.sample, probes.timestep, probes.golden, probes.fp32, contexts):

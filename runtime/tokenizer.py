@@ -6,7 +6,6 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from .artifact import ArtifactError
 from .session import extensions_library, open_session, session_options

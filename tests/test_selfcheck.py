@@ -79,14 +79,15 @@ def test_check_runs_one_sample_at_a_time_with_the_batched_verdict(artifact):
     """The check never calls the session above batch 1 (a B=1 loop's arena stays B=1), and its figures
     are those of a call at the probes' own batch."""
     from qexport_runtime.artifact import load_artifact
-    from qexport_runtime.probes import check_session, load_probes
+    from qexport_runtime.probes import _rms, check_session, load_probes
     from qexport_runtime.session import UNetSession
 
     art = load_artifact(artifact)
     inner = UNetSession(art.graph("int"), threads=1)
 
     class Recording:
-        path, batches = inner.path, []
+        def __init__(self):
+            self.path, self.batches = inner.path, []
 
         def __call__(self, x, t, c=None):
             self.batches.append(len(x))
@@ -98,9 +99,7 @@ def test_check_runs_one_sample_at_a_time_with_the_batched_verdict(artifact):
     assert probes.sample.shape[1] > 1 and set(rec.batches) == {1}
     assert len(rec.batches) == probes.sample.shape[0] * probes.sample.shape[1]
     batched = [np.array(inner(x, int(t))) for x, t in zip(probes.sample, probes.timestep)]
-    gold, fp = probes.golden, probes.fp32
-    rms = lambda a: float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))   # noqa: E731
-    expect = [rms(y - f) / max(rms(g - f), 1e-12) - 1 for y, g, f in zip(batched, gold, fp)]
+    expect = [_rms(y - f) / max(_rms(g - f), 1e-12) - 1 for y, g, f in zip(batched, probes.golden, probes.fp32)]
     assert rows.ok and np.allclose(rows.excess, expect, rtol=0, atol=1e-6)
 
 
