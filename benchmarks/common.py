@@ -38,12 +38,16 @@ def build_cifar_config_unet(folder: Path, seed: int = 0, config: dict | None = N
     return folder
 
 
-_RSS_CODE = r"""
+# the start of each measured child process: its imports path and hwm() in MB
+_CHILD_PRELUDE = r"""
 import json, sys, numpy as np
 sys.path[:0] = {paths!r}
-from qexport_runtime.session import UNetSession
 def hwm():  # VmHWM: this process's high-water mark (reset by exec, unlike ru_maxrss)
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+"""
+
+_RSS_CODE = _CHILD_PRELUDE + r"""
+from qexport_runtime.session import UNetSession
 base = hwm()
 s = UNetSession({path!r}, threads={threads}, optimization={optimization!r})
 x = np.random.default_rng(0).standard_normal({shape!r}).astype(np.float32)
@@ -54,15 +58,12 @@ print(json.dumps(dict(peak_rss_mb=peak, baseline_mb=base, delta_mb=peak - base))
 """
 
 
-_SAMPLING_RSS_CODE = r"""
-import json, sys
-sys.path[:0] = {paths!r}
+_SAMPLING_RSS_CODE = _CHILD_PRELUDE + r"""
 from qexport_runtime.artifact import load_artifact
 from qexport_runtime.sampler import Sampler
 s = Sampler(load_artifact({artifact!r}), role={role!r}, threads={threads})
 s.sample({steps}, batch={batch}, seed=0)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-print(json.dumps(dict(peak_rss_mb=hwm, self_check=s.check is not None)))
+print(json.dumps(dict(peak_rss_mb=hwm())))
 """
 
 
